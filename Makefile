@@ -22,7 +22,7 @@ test: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python benchmarks/run_all.py
+	PATH=$(CURDIR)/$(BIN):$$PATH for b in curation_memory loader_throughput; do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean-demo:
 	rm -rf demo_out .snakemake

@@ -237,7 +237,7 @@ def _read_phenoprint(path: Path, name: str) -> pa.Array:
 
 def _iter_samples(path: Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     """Record batches of a curated samples file, in file order (bounded memory)."""
-    parquet = pq.ParquetFile(path)
+    parquet = pq.ParquetFile(path, pre_buffer=False)
     yield from parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns)
 
 
@@ -669,7 +669,7 @@ class _ShardChecks:
             return []
         seen: Counter[str] = Counter()
         for shard in self.shards:
-            for batch in pq.ParquetFile(shard).iter_batches(columns=["sample_id"]):
+            for batch in pq.ParquetFile(shard, pre_buffer=False).iter_batches(columns=["sample_id"]):
                 ids = batch.column("sample_id").to_numpy(zero_copy_only=False)
                 candidates = ids[np.isin(pd.util.hash_array(ids.astype(object)), repeated)]
                 seen.update(candidates.tolist())
@@ -691,7 +691,7 @@ def _validate_shard(corpus: Path, shard: Path, state: _ShardChecks, problems: li
         found.setdefault(kind, f"{shard}: {text}")
 
     try:
-        parquet = pq.ParquetFile(shard)
+        parquet = pq.ParquetFile(shard, pre_buffer=False)
     except Exception as exc:  # noqa: BLE001 — corrupt bytes surface as many exception types; report, don't crash
         problems.append(f"{shard}: not a readable Parquet file ({_one_line(exc)})")
         return

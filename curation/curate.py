@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from curation import readers, schema
 from curation.genes import GeneMapping, GeneTable
-from curation.io import CurationError, atomic_path, file_digest
+from curation.io import CurationError, SeenIds, atomic_path, file_digest
 from curation.qc import GeneDetectionCounter, QCConfig, QCTally, cell_pass_mask
 
 CURATED_DIR = "curated"
@@ -101,7 +101,7 @@ def _curate(name: str, spec: Mapping[str, Any], out_dir: Path, reader: Any, gene
     # Pass 1: QC statistics.
     tally = QCTally()
     detection = GeneDetectionCounter(len(mapping.genes))
-    seen_ids = _SeenIds(where)
+    seen_ids = SeenIds(where)
     n_metadata_matched = 0
     for chunk in chunks.iterate(desc=f"{name}: pass 1/2 (QC)", progress=progress):
         seen_ids.add(chunk.obs["source_id"])
@@ -340,27 +340,6 @@ class _RowGroupBuffer:
 
     def _write(self, table: pa.Table) -> None:
         self.writer.write_table(table.combine_chunks(), row_group_size=self.rows)
-
-
-class _SeenIds:
-    """Rejects a repeated source ID across chunks, keeping one 8-byte hash per sample (not the strings)."""
-
-    def __init__(self, where: str):
-        self.where = where
-        self.hashes = np.empty(0, dtype=np.uint64)  # sorted
-        self.first: str | None = None
-
-    def add(self, source_ids: pd.Series) -> None:
-        if self.first is None and len(source_ids):
-            self.first = str(source_ids.iloc[0])
-        repeated = source_ids[source_ids.duplicated()]
-        hashes = pd.util.hash_pandas_object(source_ids, index=False).to_numpy(np.uint64)
-        pos = np.minimum(np.searchsorted(self.hashes, hashes), max(len(self.hashes) - 1, 0))
-        seen_before = (self.hashes[pos] == hashes) if len(self.hashes) else np.zeros(len(hashes), dtype=bool)
-        if len(repeated) or seen_before.any():
-            duplicate = repeated.iloc[0] if len(repeated) else source_ids[seen_before].iloc[0]
-            raise CurationError(self.where, f"duplicate sample ID {duplicate!r}")
-        self.hashes = np.sort(np.concatenate([self.hashes, hashes]))
 
 
 @dataclass

@@ -80,7 +80,7 @@ def detected_genes_histograms(corpus: Path, max_genes: int) -> tuple[np.ndarray,
     for shard in schema.list_shards(corpus):
         dataset = shard.parent.name.removeprefix("dataset=")
         counts = histograms.setdefault(dataset, np.zeros(HISTOGRAM_BINS, dtype=np.int64))
-        for batch in pq.ParquetFile(shard).iter_batches(columns=["n_genes_detected"]):
+        for batch in pq.ParquetFile(shard, pre_buffer=False).iter_batches(columns=["n_genes_detected"]):
             detected = np.clip(batch.column(0).to_numpy(zero_copy_only=False), edges[0], edges[-1])
             counts += np.histogram(detected, bins=edges)[0]
     return edges, dict(sorted(histograms.items()))

@@ -1,4 +1,4 @@
-"""Small file-system helpers: one-line errors, atomic writes, checksums."""
+"""Small helpers shared by the curation steps: one-line errors, atomic writes, checksums, duplicate-ID checks."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import hashlib
 import os
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
+import pandas as pd
 
 
 class CurationError(ValueError):
@@ -55,3 +58,24 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk_bytes:
         while chunk := fh.read(chunk_bytes):
             h.update(chunk)
     return h.hexdigest()
+
+
+class SeenIds:
+    """Rejects a repeated source ID across chunks, keeping one 8-byte hash per sample (not the strings)."""
+
+    def __init__(self, where: str | os.PathLike | None):
+        self.where = where
+        self.hashes = np.empty(0, dtype=np.uint64)  # sorted
+        self.first: str | None = None
+
+    def add(self, source_ids: pd.Series) -> None:
+        if self.first is None and len(source_ids):
+            self.first = str(source_ids.iloc[0])
+        repeated = source_ids[source_ids.duplicated()]
+        hashes = pd.util.hash_pandas_object(source_ids, index=False).to_numpy(np.uint64)
+        pos = np.minimum(np.searchsorted(self.hashes, hashes), max(len(self.hashes) - 1, 0))
+        seen_before = (self.hashes[pos] == hashes) if len(self.hashes) else np.zeros(len(hashes), dtype=bool)
+        if len(repeated) or seen_before.any():
+            duplicate = repeated.iloc[0] if len(repeated) else source_ids[seen_before].iloc[0]
+            raise CurationError(self.where, f"duplicate sample ID {duplicate!r}")
+        self.hashes = np.sort(np.concatenate([self.hashes, hashes]))

@@ -63,7 +63,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm import tqdm
 
-from curation.io import CurationError
+from curation.io import CurationError, SeenIds
 
 FORMATS: tuple[str, ...] = ("h5ad", "10x_mtx", "10x_h5", "gct", "star_counts", "geo_table",
                             "sciplex_triplets", "mixseq_zip")
@@ -167,7 +167,7 @@ class Reader:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         chunk_size = int(chunk_size)
         n_features = self.n_features
-        seen_ids: set[str] | None = None if self._ids_checked_upfront else set()
+        seen_ids = None if self._ids_checked_upfront else SeenIds(self._integer_where)
         produced = 0
         for counts, obs in _rechunk(self._pieces(chunk_size), chunk_size):
             counts = _canonical_csr(counts, n_features)
@@ -175,7 +175,7 @@ class Reader:
                 raise CurationError(self._integer_where, self._integer_problem)
             obs = _with_source_id_first(obs)
             if seen_ids is not None:
-                _check_new_ids(obs["source_id"], seen_ids, self._integer_where)
+                seen_ids.add(obs["source_id"])
             produced += counts.shape[0]
             yield Chunk(counts=counts, obs=obs)
         if self.n_samples is not None and produced != self.n_samples:
@@ -311,13 +311,6 @@ def _check_unique(ids: Sequence[str] | pd.Index | np.ndarray, where: str | os.Pa
     if not index.is_unique:
         dup = index[index.duplicated()][0]
         raise CurationError(where, f"duplicate {what} {dup!r} ({int((index == dup).sum())} occurrences)")
-
-
-def _check_new_ids(ids: pd.Series, seen: set[str], where: Path | None) -> None:
-    for sid in ids:
-        if sid in seen:
-            raise CurationError(where, f"duplicate sample id {sid!r}")
-        seen.add(sid)
 
 
 def _has_non_integer(values: np.ndarray) -> bool:

@@ -475,7 +475,7 @@ def test_duplicate_sample_ids_found_while_streaming(tmp_path):
     path = write_text(tmp_path / "sxg.csv", "sample,G1,G2\nS1,1,2\nS2,0,1\nS1,3,3\n")
     with pytest.raises(CurationError) as err:
         drain(open_reader("geo_table", {"matrix": path}, orientation="samples_x_genes"), chunk_size=1)
-    assert_one_line_error(err, "sxg.csv", "duplicate sample id 'S1'")
+    assert_one_line_error(err, "sxg.csv", "duplicate sample ID 'S1'")
 
 
 def test_zip_with_parent_directory_member_is_refused(tmp_path):
