@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Offline demo through the Snakemake workflow (simulated sources -> corpus -> tiny training -> evaluation),
+# then the HTML report: demo_out/report.html.
 demo: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m curation demo --out demo_out
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake -s workflow/Snakefile --configfile config/demo.yaml \
+		--profile workflow/profiles/local --cores $(CORES)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake -s workflow/Snakefile --configfile config/demo.yaml \
+		--report demo_out/report.html
 
 test: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
