@@ -7,7 +7,10 @@ Every format is written by a small writer in this file (not by the reader module
 from __future__ import annotations
 
 import gzip
-import tracemalloc
+import json
+import subprocess
+import sys
+import textwrap
 import warnings
 import zipfile
 from pathlib import Path
@@ -510,8 +513,8 @@ def test_non_integer_check_can_be_enabled_for_text_formats(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # bounded memory
 # ----------------------------------------------------------------------------------------------------
-def test_mtx_of_20k_cells_is_streamed_in_bounded_memory(tmp_path):
-    n_cells, n_genes, per_cell = 20_000, 400, 60
+def test_mtx_of_40k_cells_is_streamed_in_bounded_memory(tmp_path):
+    n_cells, n_genes, per_cell = 40_000, 400, 60
     rng = np.random.default_rng(16)
     cells = np.repeat(np.arange(n_cells), per_cell)
     genes = rng.integers(0, n_genes, size=cells.size)
@@ -526,21 +529,37 @@ def test_mtx_of_20k_cells_is_streamed_in_bounded_memory(tmp_path):
                       "count": coo.data[order].astype(np.int64)}).to_csv(fh, sep=" ", header=False, index=False)
     full_bytes = coo.nnz * 12  # what holding every entry as (int32, int32, float32) would take
 
-    reader = open_reader("10x_mtx", files, block_values=5_000, tmp_dir=tmp_path / "tmp", progress=False)
-    tracemalloc.start()
-    try:
-        n_rows, total, peak = 0, 0.0, 0
+    # Measure in a fresh interpreter: inside a long pytest run the peak can be dominated by unrelated
+    # one-off allocations (e.g. a resize of the interned-string table) that depend on earlier tests.
+    str_files = {role: str(path) for role, path in files.items()}
+    script = textwrap.dedent(f"""
+        import json, tracemalloc
+        from curation.readers import open_reader
+        reader = open_reader("10x_mtx", {str_files!r}, block_values=5_000,
+                             tmp_dir={str(tmp_path / "measure")!r}, progress=False)
+        tracemalloc.start()
+        n_rows, total, peak, biggest = 0, 0.0, 0, 0
         for chunk in reader.chunks(500):
-            assert chunk.counts.shape[0] <= 500
+            biggest = max(biggest, chunk.counts.shape[0])
             n_rows += chunk.counts.shape[0]
             total += float(chunk.counts.sum())
             peak = max(peak, tracemalloc.get_traced_memory()[1])
-    finally:
         tracemalloc.stop()
-    assert n_rows == n_cells and total == float(matrix.sum())
-    # Parsing, bucketing and chunking together never held a quarter of the entries (measured ~1/9).
-    assert peak < full_bytes / 4, (peak, full_bytes)
-    assert reader._store is not None and reader._store.n_buckets == 40
+        print(json.dumps(dict(n_rows=n_rows, total=total, peak=peak, biggest=biggest)))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    measured = json.loads(run.stdout.strip().splitlines()[-1])
+    assert measured["n_rows"] == n_cells and measured["total"] == float(matrix.sum())
+    assert measured["biggest"] <= 500
+    # Parsing, bucketing and chunking together never held a third of the entries (the reader's own share is
+    # ~1/9; a one-off ~4 MB resize of the interpreter's interned-string table can land in the window too).
+    assert measured["peak"] < full_bytes / 3, (measured["peak"], full_bytes)
+    print(f"peak traced memory {measured['peak'] / full_bytes:.2f} of all entries")
+
+    reader = open_reader("10x_mtx", files, block_values=5_000, tmp_dir=tmp_path / "tmp", progress=False)
+    for _ in reader.chunks(500):
+        pass
+    assert reader._store is not None and reader._store.n_buckets == n_cells // 500
     assert reader._store.entries.max() < coo.nnz / 10
     # a second pass (curation makes two) reuses the 500-row buckets, regrouped into other chunk sizes
     store_dir = reader._store.directory
