@@ -269,10 +269,13 @@ def _panel_lookup(panel: np.ndarray) -> np.ndarray:
     return _panel_lookup_cached(np.ascontiguousarray(panel, dtype=np.int64).tobytes())
 
 
-def _log_normalise(counts: sp.csr_matrix) -> sp.csr_matrix:
-    """log1p(counts per TARGET_SUM) per cell, sparse (zeros stay zero). Empty cells stay all-zero."""
-    lib = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-    scale = np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0)
+def log_normalise(counts: sp.csr_matrix, target_sum: float = TARGET_SUM) -> sp.csr_matrix:
+    """log1p(count / library · target_sum) per cell, sparse; cells with no counts stay all-zero. (n × g) → (n × g)
+
+    Shared with the evaluation harness (txfm.evaluate), whose Lib+Log baseline is the same transform.
+    """
+    library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    scale = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0)
     out = sp.csr_matrix(counts, dtype=np.float64, copy=True)
     out.data *= np.repeat(scale, np.diff(out.indptr))
     np.log1p(out.data, out=out.data)
@@ -335,7 +338,7 @@ class ControlPCAEmbedding:
             ctrl = np.flatnonzero(is_control(obs["perturbation"]))
             if ctrl.size == 0:
                 continue
-            x = _log_normalise(counts[ctrl])
+            x = log_normalise(counts[ctrl])
             batch_codes, batches = pd.factorize(obs["batch"].to_numpy()[ctrl])
             indicator = sp.csr_matrix((np.ones(ctrl.size), (batch_codes, np.arange(ctrl.size))),
                                       shape=(len(batches), ctrl.size))
@@ -383,7 +386,7 @@ class ControlPCAEmbedding:
 
     def _standardise(self, counts: sp.csr_matrix, batches: np.ndarray) -> np.ndarray:
         """Dense (n, n_genes) z-scores against each cell's batch controls (pooled controls if it has none)."""
-        x = _log_normalise(counts).toarray()
+        x = log_normalise(counts).toarray()
         for b in pd.unique(batches):
             rows = batches == b
             mean, std = (self.mean[b], self.std[b]) if b in self.mean else self.pooled

@@ -27,7 +27,8 @@ from txfm.evaluate.gene_weights import GENE_WEIGHT_COMPONENTS, gene_weight_recal
 from txfm.evaluate.postprocess import BATCH_STD_FLOOR, GLOBAL_STD_FLOOR, Z_CLIP, EmbeddingSource, efaar
 from txfm.evaluate.recall import load_relationships, null_pairs, relationship_recall
 from txfm.evaluate.reconstruction import per_sample_pearson, poisson_deviance, reconstruction_metrics
-from txfm.evaluate.screen import log_normalise, open_screen
+from curation.phenoprint import log_normalise
+from txfm.evaluate.screen import open_screen
 from txfm.evaluate.simulate import (BATCH_COLUMN, CONTROL_LABEL, MODULE_COLUMN, PERTURBATION_COLUMN, plan_screen,
                                     screen_anndata, write_relationships, write_screen_h5ad)
 from txfm.model import TxFM, TxFMConfig

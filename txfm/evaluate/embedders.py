@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from curation import schema
 from txfm.evaluate.pca import StreamingPCA
-from txfm.evaluate.screen import Screen, log_normalise
+from curation.phenoprint import log_normalise
+from txfm.evaluate.screen import Screen
 
 EMBEDDER_NAMES = ("txfm", "liblog", "hvg_pca", "pca_corpus", "random")
 TARGET_SUM = 1e4  # counts per 10k for the baselines' library-size normalisation

@@ -166,13 +166,3 @@ def _build_screen(adata: Any, where: str, opened_here: bool, perturbation_column
     return Screen(source=adata, label_for_errors=where, perturbation=perturbation, batch=batch.astype(np.int64),
                   batches=np.asarray(batches, dtype=object), is_control=is_control, label=label,
                   features=features.astype(str), allow_normalised=allow_normalised, opened_here=opened_here)
-
-
-def log_normalise(counts: sp.csr_matrix, target_sum: float = 1e4) -> sp.csr_matrix:
-    """log1p(count / library · target_sum) per cell, sparse; cells with no counts stay all-zero. (n × g) → (n × g)"""
-    library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-    scale = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0)
-    out = sp.csr_matrix(counts, dtype=np.float64, copy=True)
-    out.data *= np.repeat(scale, np.diff(out.indptr))
-    np.log1p(out.data, out=out.data)
-    return out
