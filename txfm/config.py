@@ -25,7 +25,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 #: Keys that define what is trained and how; changing one of them makes ``--resume`` refuse to continue, because
 #: the continued run would no longer be the run whose checkpoint it loads. Operational keys (paths, logging and
-#: checkpoint cadence, workers, device, precision, compile, progress bar) may change between restarts.
+#: checkpoint cadence, workers, device, precision, compile and the other speed switches, progress bar) may change
+#: between restarts.
 RESUME_INVARIANT_KEYS = ("preset", "dim", "depth", "heads", "decoder_depth", "decoder_dim", "activation",
                          "drop_path", "loss", "n_input_genes", "sampling", "temperature", "library_size",
                          "global_batch", "micro_batch", "epochs", "max_steps", "lr", "betas", "eps",
@@ -74,7 +75,14 @@ class TrainConfig:
     grad_clip: float = _key(1.0, "clip the global gradient norm to this (0 = no clipping)")
     # execution
     precision: str = _key("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
-    compile: bool = _key(False, "torch.compile the model")
+    compile: bool = _key(False, "torch.compile the model (falls back to eager with one warning if it fails)")
+    fused_adamw: bool = _key(True, "fused AdamW kernel on CUDA (one launch for all parameters); ignored on CPU")
+    activation_checkpointing: bool = _key(False, "recompute encoder block activations in backward (less memory, "
+                                                 "~+33% FLOPs)")
+    sparse_target: bool = _key(True, "loader ships target entries; the dense [B, G] target is built on the device")
+    prefetch: bool = _key(True, "copy the next batch to the GPU on a side stream while this step runs (CUDA)")
+    attention_fast_path: bool = _key(True, "no attention mask for batches without padding (flash kernels)")
+    num_threads: int = _key(0, "torch intra-op CPU threads; 0 = torch's default")
     device: str = _key("auto", "auto (CUDA if available) | cpu | cuda | cuda:N")
     num_workers: int = _key(0, "loader worker processes per training process")
     seed: int = _key(0, "seed of model initialisation, data order and gene sampling")
@@ -105,7 +113,7 @@ class TrainConfig:
         for name in ("dim", "depth", "heads", "decoder_dim", "max_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("decoder_depth", "num_workers", "val_batches", "baseline_batches"):
+        for name in ("decoder_depth", "num_workers", "val_batches", "baseline_batches", "num_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and self.eps > 0 and self.temperature > 0 and self.library_size > 0):

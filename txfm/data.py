@@ -22,17 +22,27 @@ size or which process reads it — and any micro-batch can be rebuilt on its own
 gradient accumulation ``A`` passes ``num_streams = W·A`` and ``streams = [r + a·W for a in range(A)]``.
 
 Workers: with ``num_workers = n`` worker ``w`` builds yielded indices ``w, w+n, …``; torch's DataLoader
-collects them round-robin, which restores the order. Each worker keeps a small LRU cache of decoded row
-groups (about ``len(streams) · (shuffle_buffer_row_groups + 1)`` of them). Every micro-batch mixes all
-row groups of its window, so each worker decodes every row group of the streams it serves: decoding is
-repeated ``num_workers`` times, the price of worker-independent sequences (see benchmarks/loader_throughput.py).
+collects them round-robin, which restores the order. Yielded index ``p`` belongs to stream
+``streams[p % len(streams)]``, so when ``n`` divides ``len(streams)`` (the trainer: one stream per accumulation
+step, e.g. 2 workers × 48 streams) worker ``w`` serves whole streams and every row group is decoded by
+exactly one worker. Otherwise (e.g. one stream read by 2 workers) each worker decodes the row groups of all
+streams it touches — repeated work, the price of worker-independent sequences. Each worker keeps a small LRU
+cache of decoded row groups (about ``len(streams) · (shuffle_buffer_row_groups + 1)`` of them).
 
 Resuming: the trainer's loader state is just :class:`LoaderState` ``(epoch, microbatches_consumed)``; call
 ``make_loader(..., epoch=state.epoch, start_microbatch=state.microbatches_consumed)``.
 
-Batch (fixed shapes, ``B`` = micro_batch, ``K`` = n_input_genes, ``G`` = vocabulary size):
-``gene_idx`` int64 [B, K], ``values`` float32 [B, K], ``pad_mask`` bool [B, K], ``target`` float32 [B, G],
-``target_mask`` bool [B, G], ``dataset_idx`` int64 [B], ``library_size`` float32 [B] (raw total counts).
+Batch (``B`` = micro_batch, ``K`` = n_input_genes, ``G`` = vocabulary size):
+``gene_idx`` int64 [B, K], ``values`` float32 [B, K], ``pad_mask`` bool [B, K], ``dataset_idx`` int64 [B],
+``library_size`` float32 [B] (raw total counts), and the target in one of two formats (``target_format``):
+
+* ``dense`` (default): ``target`` float32 [B, G], ``target_mask`` bool [B, G];
+* ``sparse``: ``target_gene`` int32 [B, M] and ``target_value`` float32 [B, M], each sample's non-zero
+  entries padded with (gene 0, value 0) to M = the batch's largest non-zero count rounded up to a multiple
+  of :data:`SPARSE_TARGET_ALIGN`. A dense target costs B·G·5 bytes through the worker queue (7 MB at
+  G = 44k, B = 32) and its zero-filling dominated the batch build; the sparse one costs B·M·8 bytes.
+  :func:`densify_target` turns either format into ``(target, target_mask)`` on the training device.
+
 Values are ``log1p(count / library_size · L)`` with ``L = cfg.library_size``.
 """
 
@@ -56,6 +66,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from curation import schema
 
 SAMPLING_KINDS = ("uniform", "frequency")
+TARGET_FORMATS = ("dense", "sparse")
+#: Width of sparse target arrays is rounded up to a multiple of this many entries.
+SPARSE_TARGET_ALIGN = 256
 #: Row groups read (evenly spread over the corpus) to estimate gene detection frequencies.
 FREQUENCY_MAX_ROW_GROUPS = 256
 # Distinct salts keep the random streams of the different decisions independent of each other.
@@ -156,11 +169,14 @@ class LoaderConfig:
     num_workers: int = 0
     seed: int = 0
     pin_memory: bool | None = None  # None: pin when CUDA is available
+    target_format: str = "dense"  # "sparse": ship target entries, densify on the device (densify_target)
 
     def validate(self) -> None:
         """Raise a one-line ValueError for an impossible setting."""
         if self.split not in schema.SPLITS:
             raise ValueError(f"LoaderConfig.split must be one of {schema.SPLITS}, got {self.split!r}")
+        if self.target_format not in TARGET_FORMATS:
+            raise ValueError(f"LoaderConfig.target_format must be one of {TARGET_FORMATS}, got {self.target_format!r}")
         if self.sampling not in SAMPLING_KINDS:
             raise ValueError(f"LoaderConfig.sampling must be one of {SAMPLING_KINDS}, got {self.sampling!r}")
         for name in ("micro_batch", "n_input_genes", "shuffle_buffer_row_groups"):
@@ -439,6 +455,12 @@ class _MicroBatchDataset(IterableDataset):
     def __len__(self) -> int:
         return self.total - self.start
 
+    def _scratch(self, size: int) -> np.ndarray:
+        """A zeroed float32 [size] buffer reused across batches (callers restore the zeros they overwrite)."""
+        if getattr(self, "_scratch_buffer", None) is None or self._scratch_buffer.size < size:
+            self._scratch_buffer = np.zeros(size, dtype=np.float32)
+        return self._scratch_buffer[:size]
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker = get_worker_info()
         worker_id, n_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
@@ -457,30 +479,82 @@ class _MicroBatchDataset(IterableDataset):
         cfg, n_genes = self.cfg, self.info.n_genes
         unit, row = order.rows(index * cfg.micro_batch, (index + 1) * cfg.micro_batch)
         sample, gene, count, dataset_idx, library = _gather_entries(reader, self.units, unit, row)
-        flat = sample * n_genes + gene  # positions in the flattened [B, G] target
-        target_mask = self.panel_mask[dataset_idx]
-        if not target_mask.ravel()[flat].all():
-            bad = unit[sample[np.argmin(target_mask.ravel()[flat])]]
+        in_panel = self.panel_mask[dataset_idx[sample], gene]
+        if not in_panel.all():
+            bad = unit[sample[np.argmin(in_panel)]]
             raise ValueError(f"{self.units.files[self.units.file[bad]]}: row group {self.units.row_group[bad]}: "
                              "gene_idx outside the sample's dataset panel")
         # L / library per sample (an all-zero sample has no entries, so its guard value is never used).
         scale = (cfg.library_size / np.where(library > 0, library, 1.0)).astype(np.float32)
-        target = np.zeros((unit.size, n_genes), dtype=np.float32)
-        np.put(target, flat, np.log1p(count * scale[sample]))
+        expression = np.log1p(count * scale[sample])  # float32 [nnz], log1p-normalised
         rng = np.random.default_rng([cfg.seed, self.epoch, stream, index, _SALT_GENES])
         gene_idx, pad_mask = _sample_input_genes(rng, dataset_idx, self.info.panels, self.log_weight,
                                                  cfg.n_input_genes)
-        values = np.take_along_axis(target, gene_idx, axis=1)
+        # Input values: scatter the entries into a reused flat [B·G] scratch row, gather the K inputs, and
+        # zero just those entries again — O(nnz + B·K) per batch, no [B, G] allocation or zero-fill.
+        flat = sample * n_genes + gene
+        scratch = self._scratch(unit.size * n_genes)
+        scratch[flat] = expression
+        values = scratch[np.arange(unit.size)[:, None] * n_genes + gene_idx]
+        scratch[flat] = 0.0
         values[pad_mask] = 0.0
-        return {
+        batch = {
             "gene_idx": torch.from_numpy(gene_idx),
             "values": torch.from_numpy(values),
             "pad_mask": torch.from_numpy(pad_mask),
-            "target": torch.from_numpy(target),
-            "target_mask": torch.from_numpy(target_mask),
-            "dataset_idx": torch.from_numpy(dataset_idx),
-            "library_size": torch.from_numpy(library.astype(np.float32)),
         }
+        if cfg.target_format == "dense":
+            target = np.zeros((unit.size, n_genes), dtype=np.float32)
+            np.put(target, flat, expression)
+            batch["target"] = torch.from_numpy(target)
+            batch["target_mask"] = torch.from_numpy(self.panel_mask[dataset_idx])
+        else:
+            by_sample = np.argsort(sample, kind="stable")  # entries grouped per sample (_gather_entries: per unit)
+            batch.update(_sparse_target(sample[by_sample], gene[by_sample], expression[by_sample], unit.size))
+        batch["dataset_idx"] = torch.from_numpy(dataset_idx)
+        batch["library_size"] = torch.from_numpy(library.astype(np.float32))
+        return batch
+
+
+def _sparse_target(sample: np.ndarray, gene: np.ndarray, expression: np.ndarray, n_samples: int
+                   ) -> dict[str, torch.Tensor]:
+    """Padded per-sample target entries: ``target_gene`` int32 [B, M], ``target_value`` float32 [B, M].
+
+    ``sample`` must be non-decreasing. M = the batch's largest non-zero count, rounded up to a multiple of
+    :data:`SPARSE_TARGET_ALIGN` (fewer distinct shapes for the caching allocators). Padding is gene 0 with
+    value 0: :func:`densify_target` *adds* entries into zeros, so padding changes nothing.
+    """
+    nnz = np.bincount(sample, minlength=n_samples)
+    width = max(SPARSE_TARGET_ALIGN, -(-int(nnz.max(initial=0)) // SPARSE_TARGET_ALIGN) * SPARSE_TARGET_ALIGN)
+    slot = np.arange(sample.size) - np.repeat(np.cumsum(nnz) - nnz, nnz)  # rank of the entry within its sample
+    target_gene = np.zeros((n_samples, width), dtype=np.int32)
+    target_value = np.zeros((n_samples, width), dtype=np.float32)
+    target_gene[sample, slot] = gene
+    target_value[sample, slot] = expression
+    return {"target_gene": torch.from_numpy(target_gene), "target_value": torch.from_numpy(target_value)}
+
+
+def densify_target(batch: dict[str, torch.Tensor], panel_mask: torch.Tensor,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``(target float32 [B, G], target_mask bool [B, G])`` of a batch, built on ``device``.
+
+    Works for both target formats: a dense batch's tensors are moved as they are; a sparse one's padded
+    entries (``target_gene`` / ``target_value`` [B, M]) are scattered into zeros on the device, and the mask
+    is ``panel_mask[dataset_idx]`` (``panel_mask`` bool [D, G], e.g. ``CorpusInfo.panel_mask``; pass it
+    already on ``device`` to avoid a copy per call). No host–device synchronisation.
+    """
+    device = torch.device(device) if device is not None else batch["gene_idx"].device
+    if "target" in batch:
+        return (batch["target"].to(device, non_blocking=True),
+                batch["target_mask"].to(device, non_blocking=True))
+    genes = batch["target_gene"].to(device, non_blocking=True).long()
+    entries = batch["target_value"].to(device, non_blocking=True)
+    target = torch.zeros(genes.shape[0], panel_mask.shape[1], dtype=entries.dtype, device=device)
+    # scatter_add (not scatter_): padding repeats gene 0, and adding an exact 0.0 is order-independent, so
+    # the result is exact and deterministic even with CUDA atomics.
+    target.scatter_add_(1, genes, entries)
+    dataset_idx = batch["dataset_idx"].to(device, non_blocking=True)
+    return target, panel_mask.to(device, non_blocking=True)[dataset_idx]
 
 
 def _worker_init(worker_id: int) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from txfm.losses import ACTIVATIONS
@@ -135,6 +136,8 @@ class Attention(nn.Module):
 
     Uses ``F.scaled_dot_product_attention``; with a key-padding mask CUDA dispatches to the fused
     memory-efficient / cuDNN kernels (FlashAttention-2 itself takes no mask), never materialising [N, N].
+    ``keep=None`` means no padding: no mask is passed, which unlocks the flash kernels (CUDA FlashAttention-2
+    and the CPU flash kernel; on CPU a boolean mask forces the [B, h, N, N] math path).
     """
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0):
@@ -145,11 +148,11 @@ class Attention(nn.Module):
         self.attn_dropout = dropout
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
         batch, tokens, dim = x.shape
         q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
         # keep[b, j] False ⇒ no query attends to key j (padding); broadcast over heads and queries.
-        attn_mask = keep[:, None, None, :]
+        attn_mask = None if keep is None else keep[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                              dropout_p=self.attn_dropout if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, dim)))
@@ -183,7 +186,7 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale_init)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
         x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), keep)))
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
@@ -237,7 +240,20 @@ class TxFM(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.decoder = ResidualMLPDecoder(cfg.dim, cfg.decoder_width, cfg.decoder_depth, cfg.n_genes, cfg.dropout)
         self.activation = ACTIVATIONS[cfg.activation]
+        # Runtime switch, not architecture (not in TxFMConfig, not saved): see set_activation_checkpointing.
+        self.activation_checkpointing = False
         self.reset_parameters()
+
+    def set_activation_checkpointing(self, enabled: bool) -> "TxFM":
+        """Recompute each encoder block's activations in the backward pass instead of storing them.
+
+        Trades one extra encoder forward (~+33 % step FLOPs) for activation memory that no longer grows with
+        depth (only block inputs [B, K+1, d] are kept) — what lets TxFM-L train at the paper's per-GPU batch
+        on one 80 GB GPU. Uses ``torch.utils.checkpoint`` with ``use_reentrant=False``; the RNG state is
+        replayed, so drop path draws the same masks in the recomputation. Only active in training mode.
+        """
+        self.activation_checkpointing = bool(enabled)
+        return self
 
     def reset_parameters(self) -> None:
         """Truncated normal (σ = 0.02, cut at ±2σ) for Linear/Embedding weights and CLS, zero biases."""
@@ -255,8 +271,18 @@ class TxFM(nn.Module):
                 nn.init.zeros_(module.bias)
         trunc_normal(self.cls_token)
 
-    def tokens(self, gene_idx: Tensor, values: Tensor, pad_mask: Tensor) -> Tensor:
-        """Input tokens [gene embedding ; value], padding zeroed. [B, K] ×3 → [B, K, d]"""
+    def tokens(self, gene_idx: Tensor, values: Tensor, pad_mask: Tensor | None) -> Tensor:
+        """Input tokens [gene embedding ; value], padding zeroed. [B, K] ×3 → [B, K, d]
+
+        ``pad_mask=None`` declares that the batch has no padding (the caller checked on the host, where it
+        costs no device sync); it gives the same result as an all-False mask.
+        """
+        if pad_mask is None:
+            if gene_idx.shape != values.shape or gene_idx.dim() != 2:
+                raise ValueError(f"TxFM: gene_idx {tuple(gene_idx.shape)} and values {tuple(values.shape)} "
+                                 "must both be [B, K]")
+            embedded = self.gene_embed(gene_idx)
+            return torch.cat([embedded, values.to(embedded.dtype).unsqueeze(-1)], dim=-1)
         if gene_idx.shape != values.shape or gene_idx.shape != pad_mask.shape or gene_idx.dim() != 2:
             raise ValueError(f"TxFM: gene_idx {tuple(gene_idx.shape)}, values {tuple(values.shape)} and pad_mask "
                              f"{tuple(pad_mask.shape)} must all be [B, K]")
@@ -267,16 +293,25 @@ class TxFM(nn.Module):
         tokens = torch.cat([embedded, values.to(embedded.dtype).unsqueeze(-1)], dim=-1)
         return tokens.masked_fill(pad_mask.unsqueeze(-1), 0.0)
 
-    def embed(self, gene_idx: Tensor, values: Tensor, pad_mask: Tensor) -> Tensor:
-        """CLS embedding after the final norm. gene_idx int64 [B, K], values [B, K], pad_mask bool [B, K] → [B, d]"""
+    def embed(self, gene_idx: Tensor, values: Tensor, pad_mask: Tensor | None) -> Tensor:
+        """CLS embedding after the final norm. gene_idx int64 [B, K], values [B, K], pad_mask bool [B, K] → [B, d]
+
+        ``pad_mask=None``: no padding in the batch (no attention mask; the fast flash-attention path).
+        """
         x = self.tokens(gene_idx, values, pad_mask)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        keep = torch.cat([pad_mask.new_ones(pad_mask.shape[0], 1), ~pad_mask], dim=1)  # CLS is never padding
+        keep = None
+        if pad_mask is not None:  # CLS is never padding
+            keep = torch.cat([pad_mask.new_ones(pad_mask.shape[0], 1), ~pad_mask], dim=1)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, keep)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, keep, use_reentrant=False)
+            else:
+                x = block(x, keep)
         return self.norm(x[:, 0])
 
-    def forward(self, gene_idx: Tensor, values: Tensor, pad_mask: Tensor) -> Tensor:
+    def forward(self, gene_idx: Tensor, values: Tensor, pad_mask: Tensor | None) -> Tensor:
         """Predicted log1p expression of every vocabulary gene, x̂ = φ(decoder(CLS)). [B, K] ×3 → [B, G] float32
 
         φ is applied in float32 even under autocast: the Poisson loss exponentiates x̂, where bf16 rounding

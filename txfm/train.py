@@ -28,6 +28,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 from curation.io import atomic_path
 from curation.schema import list_shards
 from txfm.config import TrainConfig, resume_mismatches, save_config
-from txfm.data import CorpusInfo, LoaderConfig, make_loader, microbatches_per_stream
+from txfm.data import CorpusInfo, LoaderConfig, densify_target, make_loader, microbatches_per_stream
 from txfm.losses import expression_loss
 from txfm.model import TxFM, TxFMConfig, param_groups
 from txfm.trainer_state import (capture_rng_state, checkpoint_name, checkpoints_root, latest_checkpoint,
@@ -52,6 +53,9 @@ METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 RUN_CONFIG_FILE = "train_config.yaml"
 METRIC_KEYS = ("step", "epoch", "loss", "val_loss", "baseline_val_loss", "lr", "grad_norm", "samples_per_s")
+#: Keyword arguments of ``torch.compile`` when ``compile=true`` (inductor, default mode). Tests may swap the
+#: backend for ``aot_eager`` (same captured graphs, no code generation) to keep CPU compile time low.
+COMPILE_KWARGS: dict[str, Any] = {}
 #: Losses whose best constant prediction is log(mean(e^x)) (a mean on the rate scale) rather than mean(x).
 _RATE_SCALE_LOSSES = ("poisson", "negative_binomial")
 
@@ -187,8 +191,94 @@ def autocast_context(precision: str, device: torch.device) -> Callable[[], conte
     return contextlib.nullcontext
 
 
-def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def prepare_batch(batch: dict[str, Tensor], device: torch.device, panel_mask: Tensor,
+                  attention_fast_path: bool = True) -> dict[str, Tensor | None]:
+    """A loader batch (either target format) on ``device`` with a dense ``target`` / ``target_mask`` [B, G].
+
+    ``panel_mask`` bool [D, G] should already live on ``device``. With ``attention_fast_path`` a batch without
+    padding gets ``pad_mask=None`` (the model then passes no attention mask: flash kernels). That check runs on
+    the host copy of the [B, K] mask, before the transfer, so it never synchronises with the device.
+    """
+    has_padding = bool(batch["pad_mask"].any()) if attention_fast_path else True
+    target, target_mask = densify_target(batch, panel_mask, device)
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()
+           if k not in ("target", "target_mask", "target_gene", "target_value")}
+    out["target"], out["target_mask"] = target, target_mask
+    if not has_padding:
+        out["pad_mask"] = None
+    return out
+
+
+class DevicePrefetcher:
+    """Iterator over ``(epoch, batch)`` pairs with each batch prepared (:func:`prepare_batch`) one step early.
+
+    On CUDA the copy and densification of batch i+1 are issued on a side stream while step i runs on the
+    default stream (the loader pins host memory, so the copies are asynchronous); before batch i+1 is used the
+    default stream waits on the side stream, and ``record_stream`` tells the caching allocator the tensors are
+    used on the default stream. On CPU, or with ``enabled=False``, batches are prepared when requested.
+    """
+
+    def __init__(self, batches: Iterator[tuple[int, dict[str, Tensor]]], device: torch.device, panel_mask: Tensor,
+                 attention_fast_path: bool = True, enabled: bool = True):
+        self.batches, self.device, self.panel_mask = batches, device, panel_mask
+        self.fast_path = attention_fast_path
+        self.stream = torch.cuda.Stream(device) if enabled and device.type == "cuda" else None
+        self.pending: tuple[int, dict[str, Tensor | None]] | None = None
+
+    def _prepare_next(self) -> tuple[int, dict[str, Tensor | None]]:
+        epoch, batch = next(self.batches)
+        if self.stream is None:
+            return epoch, prepare_batch(batch, self.device, self.panel_mask, self.fast_path)
+        with torch.cuda.stream(self.stream):
+            return epoch, prepare_batch(batch, self.device, self.panel_mask, self.fast_path)
+
+    def __iter__(self) -> "DevicePrefetcher":
+        return self
+
+    def __next__(self) -> tuple[int, dict[str, Tensor | None]]:
+        if self.stream is None:
+            return self._prepare_next()
+        if self.pending is None:
+            self.pending = self._prepare_next()
+        epoch, batch = self.pending
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        for tensor in batch.values():
+            if tensor is not None:
+                tensor.record_stream(torch.cuda.current_stream(self.device))
+        self.pending = self._prepare_next()  # endless iterator: the next batch always exists
+        return epoch, batch
+
+
+class CompileWithFallback(nn.Module):
+    """``torch.compile(model)`` that falls back to the eager model, with one warning, if compiling fails.
+
+    Compilation happens lazily at the first call (and again for a new input signature, e.g. ``pad_mask``
+    None vs a tensor); an exception raised there switches this wrapper to eager for good. A genuine error in
+    the model is then raised again by the eager call, so nothing is swallowed.
+    """
+
+    def __init__(self, model: nn.Module, **compile_kwargs: Any):
+        super().__init__()
+        self.model = model
+        self.failed = False
+        self.compiled: Callable[..., Tensor] = model
+        try:
+            self.compiled = torch.compile(model, **{**COMPILE_KWARGS, **compile_kwargs})
+        except Exception as exc:  # noqa: BLE001 — e.g. an unknown backend: eager from the start
+            self._fall_back(exc)
+
+    def _fall_back(self, exc: Exception) -> None:
+        self.failed = True
+        warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                      "training continues with the eager model", RuntimeWarning, stacklevel=3)
+
+    def forward(self, *args: Any) -> Tensor:
+        if not self.failed:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # noqa: BLE001 — any compiler/backend failure means: run eagerly
+                self._fall_back(exc)
+        return self.model(*args)
 
 
 def _seed_everything(seed: int) -> None:
@@ -250,17 +340,19 @@ def _split_exists(corpus: str, split: str) -> bool:
     return bool(list_shards(corpus, split))
 
 
-def _rank_share(loader: Iterator[dict[str, Tensor]], n_batches: int, ctx: DistContext) -> Iterator[dict]:
+def _rank_share(loader: Iterator[dict[str, Tensor]], n_batches: int, ctx: DistContext, panel_mask: Tensor
+                ) -> Iterator[dict]:
     """Micro-batches i < n_batches of one stream with i ≡ rank (mod world): ranks split the work, the union
-    (and hence every all-reduced result) is independent of the world size."""
+    (and hence every all-reduced result) is independent of the world size. Prepared on the device."""
+    panel_mask = panel_mask.to(ctx.device)
     for i, batch in enumerate(islice(rng_neutral(loader), n_batches)):
         if i % ctx.world_size == ctx.rank:
-            yield _to_device(batch, ctx.device)
+            yield prepare_batch(batch, ctx.device, panel_mask)
 
 
 @torch.no_grad()
 def estimate_mean_baseline(corpus: str, loader_cfg: LoaderConfig, n_batches: int, n_genes: int, loss: str,
-                           ctx: DistContext) -> Tensor:
+                           ctx: DistContext, panel_mask: Tensor | None = None) -> Tensor:
     """Per-gene constant prediction [G] (log1p space) that minimises ``loss`` on the first ``n_batches``
     train micro-batches of one stream (epoch 0), over measured entries only.
 
@@ -268,8 +360,10 @@ def estimate_mean_baseline(corpus: str, loader_cfg: LoaderConfig, n_batches: int
     mean x. Genes never measured in those batches get the pooled value over all genes.
     """
     sums = torch.zeros(3, n_genes, dtype=torch.float64, device=ctx.device)  # Σx, Σe^x, n over measured
+    if panel_mask is None:
+        panel_mask = CorpusInfo.open(corpus).panel_mask
     loader = make_loader(corpus, dataclasses.replace(loader_cfg, split="train", num_workers=0), [0], 1, 0)
-    for batch in _rank_share(loader, n_batches, ctx):
+    for batch in _rank_share(loader, n_batches, ctx, panel_mask):
         mask = batch["target_mask"].to(torch.float64)
         target = batch["target"].to(torch.float64)
         sums[0] += (target * mask).sum(0)
@@ -287,15 +381,17 @@ def estimate_mean_baseline(corpus: str, loader_cfg: LoaderConfig, n_batches: int
 
 @torch.no_grad()
 def evaluate(model: nn.Module, corpus: str, val_cfg: LoaderConfig, n_batches: int, loss: str,
-             baseline: Tensor, ctx: DistContext, autocast: Callable[[], contextlib.AbstractContextManager]
-             ) -> tuple[float, float]:
+             baseline: Tensor, ctx: DistContext, autocast: Callable[[], contextlib.AbstractContextManager],
+             panel_mask: Tensor | None = None) -> tuple[float, float]:
     """``(val_loss, baseline_val_loss)``: means over the measured entries of the first ``n_batches`` val
     micro-batches (one stream, epoch 0: the same batches at every evaluation)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # Σ loss·n, Σ baseline loss·n, Σ n
+    if panel_mask is None:
+        panel_mask = CorpusInfo.open(corpus).panel_mask
     loader = make_loader(corpus, val_cfg, [0], 1, 0)
-    for batch in _rank_share(loader, n_batches, ctx):
+    for batch in _rank_share(loader, n_batches, ctx, panel_mask):
         with autocast():
             pred = model(batch["gene_idx"], batch["values"], batch["pad_mask"])
         target, mask = batch["target"], batch["target_mask"]
@@ -393,6 +489,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
 def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, stop_at_step: int | None) -> TrainResult:
     run_dir, device = Path(cfg.out), ctx.device
     info = CorpusInfo.open(cfg.corpus)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
@@ -403,8 +501,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, stop_at_step: int |
     streams = [ctx.rank + a * ctx.world_size for a in range(accum)]
     loader_cfg = LoaderConfig(split="train", micro_batch=cfg.micro_batch, n_input_genes=cfg.n_input_genes,
                               library_size=cfg.library_size, sampling=cfg.sampling, temperature=cfg.temperature,
-                              num_workers=cfg.num_workers, seed=cfg.seed)
+                              num_workers=cfg.num_workers, seed=cfg.seed,
+                              target_format="sparse" if cfg.sparse_target else "dense")
     val_cfg = dataclasses.replace(loader_cfg, split="val")
+    if cfg.num_workers > 1 and accum % cfg.num_workers and ctx.is_main:
+        warnings.warn(f"num_workers={cfg.num_workers} does not divide the {accum} loader streams per process: "
+                      "workers will decode some row groups more than once (see txfm.data)", RuntimeWarning)
     steps_per_epoch = microbatches_per_stream(cfg.corpus, loader_cfg, num_streams)
     if steps_per_epoch < 1:
         raise ValueError(f"{cfg.corpus}: train split has fewer samples than one global batch ({cfg.global_batch})")
@@ -422,8 +524,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, stop_at_step: int |
     _seed_everything(cfg.seed)
     model_cfg = TxFMConfig.preset(cfg.preset, info.n_genes, library_size=cfg.library_size, **cfg.model_overrides())
     model = TxFM(model_cfg).to(device)
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                  fused=device.type == "cuda")
+                                  fused=cfg.fused_adamw and device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle_cosine(total_steps, warmup_steps))
     start_step = 0
     if checkpoint is not None:
@@ -432,7 +535,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, stop_at_step: int |
         _seed_everything(_rank_seed(cfg.seed, ctx.rank))
     end_step = total_steps if stop_at_step is None else max(start_step, min(total_steps, stop_at_step))
 
-    train_model: nn.Module = torch.compile(model) if cfg.compile else model
+    train_model: nn.Module = CompileWithFallback(model) if cfg.compile else model
     if ctx.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -451,11 +554,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, stop_at_step: int |
 
     # --- baseline (once) ---------------------------------------------------------------------------------
     has_val = cfg.val_batches > 0 and _split_exists(cfg.corpus, "val")
+    panel_mask = info.panel_mask.to(device)  # [D, G], densifies sparse targets on the device
     baseline = (estimate_mean_baseline(cfg.corpus, loader_cfg, max(1, cfg.baseline_batches), info.n_genes,
-                                       cfg.loss, ctx) if has_val else None)
+                                       cfg.loss, ctx, panel_mask) if has_val else None)
 
     # --- training ------------------------------------------------------------------------------------------
-    batches = train_batches(cfg.corpus, loader_cfg, streams, num_streams, steps_per_epoch, accum, start_step)
+    batches = DevicePrefetcher(
+        train_batches(cfg.corpus, loader_cfg, streams, num_streams, steps_per_epoch, accum, start_step),
+        device, panel_mask, cfg.attention_fast_path, enabled=cfg.prefetch)
     no_bad_step = torch.iinfo(torch.int64).max
     first_bad_step = torch.full((), no_bad_step, dtype=torch.int64, device=device)
     interval_loss = torch.zeros((), dtype=torch.float32, device=device)
@@ -470,7 +576,6 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, stop_at_step: int |
         step_loss = torch.zeros((), dtype=torch.float32, device=device)
         for micro in range(accum):
             epoch, batch = next(batches)
-            batch = _to_device(batch, device)
             last_micro = micro == accum - 1
             sync = contextlib.nullcontext() if last_micro or ctx.world_size == 1 else train_model.no_sync()
             with sync:
@@ -506,7 +611,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, stop_at_step: int |
         interval_steps = 0
         if do_val:
             record["val_loss"], record["baseline_val_loss"] = evaluate(
-                model, cfg.corpus, val_cfg, cfg.val_batches, cfg.loss, baseline, ctx, autocast)
+                model, cfg.corpus, val_cfg, cfg.val_batches, cfg.loss, baseline, ctx, autocast, panel_mask)
         metrics.write(record)
         last.update({k: record[k] for k in last if k in record})
         bar.set_postfix({k: f"{v:.4g}" for k, v in (("loss", record["loss"]), ("val", record.get("val_loss")),
