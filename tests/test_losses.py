@@ -123,3 +123,23 @@ def test_learned_dispersion_is_a_trainable_per_gene_parameter(batch) -> None:
     fixed = ExpressionLoss("negative_binomial", theta=2.0)
     assert list(fixed.parameters()) == []
     torch.testing.assert_close(fixed(pred, target, mask), loss.detach())
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_logits_for_inverts_each_activation(name):
+    # the output-bias initialisation relies on φ(activation_logits_for(x)) == x inside φ's range
+    from txfm.losses import activation_logits_for
+
+    L = 1e5
+    values = torch.tensor([0.5, 1.0, 3.0, 7.5])
+    logits = activation_logits_for(name, values, L)
+    if name == "softmax":  # only defined up to a constant over genes: compare over the full vector of G genes
+        values = torch.cat([values, torch.full((200,), 0.01)])
+        logits = activation_logits_for(name, values, L)
+        # softmax renormalises over genes, so only the ratios of expm1(values) are recovered
+        recovered = torch.expm1(ACTIVATIONS[name](logits, L))
+        assert torch.allclose(recovered / recovered.sum(), torch.expm1(values) / torch.expm1(values).sum(), rtol=1e-4)
+    else:
+        assert torch.allclose(ACTIVATIONS[name](logits, L), values, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown activation"):
+        activation_logits_for("gelu", values, L)

@@ -65,22 +65,22 @@ def model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def test_default_poisson_loss_beats_predict_the_mean(corpus, tmp_path):
-    # The paper's loss and output activation (the defaults). Adam moves the zero-initialised output bias by
-    # about lr per step, so the rectified-tanh output needs lr 1e-2 to reach high-expression genes in 400 steps.
+    # The paper's loss and output activation (the defaults). The output bias starts at the per-gene mean
+    # (init_output_bias="mean"), so the run starts at the baseline and must go below it.
     cfg = tiny_config(corpus, tmp_path / "run", lr=1e-2, n_input_genes=32, global_batch=32, micro_batch=32,
                       max_steps=400, log_every=40, val_every=400, ckpt_every=400)
     assert cfg.loss == "poisson" and cfg.activation is None  # None: the preset's, i.e. rectified tanh
     result = train(cfg)
     losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
-    assert np.mean(losses[-3:]) < np.mean(losses[:2]) - 100, losses  # Poisson loss is negative: it must fall
+    assert np.mean(losses[-3:]) < np.mean(losses[:2]), losses
     assert result.val_loss < result.baseline_val_loss, (result.val_loss, result.baseline_val_loss)
 
 
 def test_loss_falls_and_beats_predict_the_mean(corpus, tmp_path):
-    # MSE in log1p space: the tiny model passes the per-gene mean within a few hundred steps on CPU (with the
-    # Poisson loss the bounded rectified-tanh output needs far longer to reach the high-expression genes)
-    cfg = tiny_config(corpus, tmp_path / "run", loss="mse", lr=1e-2, n_input_genes=32, global_batch=32,
-                      micro_batch=32, max_steps=400, log_every=20, val_every=200, ckpt_every=150)
+    # Learning from a zero output bias (MSE in log1p space): the loss halves and the tiny model passes the
+    # per-gene mean within a few hundred CPU steps.
+    cfg = tiny_config(corpus, tmp_path / "run", loss="mse", lr=1e-2, init_output_bias="zero", n_input_genes=32,
+                      global_batch=32, micro_batch=32, max_steps=400, log_every=20, val_every=200, ckpt_every=150)
     result = train(cfg)
 
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")

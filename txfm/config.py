@@ -82,6 +82,8 @@ class TrainConfig:
     sparse_target: bool = _key(True, "loader ships target entries; the dense [B, G] target is built on the device")
     prefetch: bool = _key(True, "copy the next batch to the GPU on a side stream while this step runs (CUDA)")
     attention_fast_path: bool = _key(True, "no attention mask for batches without padding (flash kernels)")
+    init_output_bias: str = _key("mean", "start the decoder output bias at the per-gene mean (mean) or at 0 (zero); "
+                                         "mean starts training at the predict-the-mean baseline")
     num_threads: int = _key(0, "torch intra-op CPU threads; 0 = torch's default")
     device: str = _key("auto", "auto (CUDA if available) | cpu | cuda | cuda:N")
     num_workers: int = _key(0, "loader worker processes per training process")
@@ -104,6 +106,7 @@ class TrainConfig:
         _choice("loss", self.loss, LOSSES)
         _choice("sampling", self.sampling, SAMPLINGS)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("init_output_bias", self.init_output_bias, ("mean", "zero"))
         if self.activation is not None:
             _choice("activation", self.activation, ACTIVATION_NAMES)
         for name in ("n_input_genes", "global_batch", "micro_batch", "epochs", "log_every", "val_every",

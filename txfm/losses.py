@@ -61,6 +61,26 @@ ACTIVATIONS: dict[str, Callable[[Tensor, float], Tensor]] = {
 }
 
 
+def activation_logits_for(name: str, values: Tensor, library_size: float) -> Tensor:
+    """Decoder logits ``z`` with ``φ(z) ≈ values`` (an inverse of :data:`ACTIVATIONS`). [G] → [G]
+
+    Used to start the decoder's output bias at the per-gene mean expression, so that training begins at the
+    predict-the-mean baseline instead of predicting 0 everywhere. Values are clamped inside φ's range (and
+    slightly above 0, where the rectified activations have no gradient).
+    """
+    floor = 1e-3
+    if name == "rectified_tanh":
+        top = max_log1p_value(library_size)
+        return 4.0 * math.e * torch.atanh((values / top).clamp(floor / top, 0.999))
+    if name == "relu":
+        return values.clamp(min=floor)
+    if name == "clamped_relu":
+        return values.clamp(floor, max_log1p_value(library_size))
+    if name == "softmax":  # softmax is shift-invariant: log of the implied fractions, up to a constant
+        return torch.log(torch.expm1(values.clamp(min=floor)) / library_size)
+    raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")
+
+
 def _check_shapes(pred: Tensor, target: Tensor, mask: Tensor) -> None:
     if pred.shape != target.shape or pred.shape != mask.shape:
         raise ValueError(f"expression_loss: pred {tuple(pred.shape)}, target {tuple(target.shape)} and "

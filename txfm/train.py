@@ -44,7 +44,7 @@ from curation.io import atomic_path
 from curation.schema import list_shards
 from txfm.config import TrainConfig, resume_mismatches, save_config
 from txfm.data import CorpusInfo, LoaderConfig, densify_target, make_loader, microbatches_per_stream
-from txfm.losses import expression_loss
+from txfm.losses import activation_logits_for, expression_loss
 from txfm.model import TxFM, TxFMConfig, param_groups
 from txfm.trainer_state import (capture_rng_state, checkpoint_name, checkpoints_root, latest_checkpoint,
                                 load_trainer_state, restore_rng_state, save_checkpoint)
@@ -555,8 +555,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, stop_at_step: int |
     # --- baseline (once) ---------------------------------------------------------------------------------
     has_val = cfg.val_batches > 0 and _split_exists(cfg.corpus, "val")
     panel_mask = info.panel_mask.to(device)  # [D, G], densifies sparse targets on the device
+    init_bias = checkpoint is None and cfg.init_output_bias == "mean"
     baseline = (estimate_mean_baseline(cfg.corpus, loader_cfg, max(1, cfg.baseline_batches), info.n_genes,
-                                       cfg.loss, ctx, panel_mask) if has_val else None)
+                                       cfg.loss, ctx, panel_mask) if has_val or init_bias else None)
+    if init_bias:  # start at the predict-the-mean baseline; identical on every rank (the baseline is all-reduced)
+        with torch.no_grad():
+            model.decoder.head.bias.copy_(activation_logits_for(model_cfg.activation, baseline, cfg.library_size))
+    if not has_val:
+        baseline = None
 
     # --- training ------------------------------------------------------------------------------------------
     batches = DevicePrefetcher(
