@@ -1261,9 +1261,20 @@ def simulate_sources(out_dir: Path, seed: int = 0, scale: float = 1.0, progress:
     with atomic_path(out_dir / "datasets.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=False, allow_unicode=True),
                        encoding="utf-8")
+    write_planted_relationships(simulation.truth, out_dir / "relationships" / "PlantedModules.txt")
     with atomic_path(out_dir / "truth.json") as tmp:
         tmp.write_text(json.dumps(simulation.truth, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return simulation.truth
+
+
+def write_planted_relationships(truth: dict, path: Path) -> None:
+    """The planted gene modules as a relationship database (``entity1,entity2`` symbol pairs, one per unordered
+    pair of genes in the same module) — the format of ``resources/gene_relationships``, so ``txfm evaluate
+    --relationships`` can score the simulated screen against the biology that was planted in it."""
+    pairs = [(a, b) for module in truth["modules"] for i, a in enumerate(module["symbols"])
+             for b in module["symbols"][i + 1:]]
+    with atomic_path(path) as tmp:
+        pd.DataFrame(pairs, columns=["entity1", "entity2"]).to_csv(tmp, index=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------

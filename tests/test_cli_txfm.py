@@ -29,12 +29,7 @@ def corpus(tmp_path_factory) -> str:
     return str(write_synthetic_corpus(path, n_samples=256, n_genes=120, n_datasets=2, seed=1, row_group_rows=32))
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -34,12 +34,7 @@ UNOPTIMISED = dict(sparse_target=False, prefetch=False, attention_fast_path=Fals
                    activation_checkpointing=False)
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ def _deep_merge(base, override):
 
 
 def _fill_placeholders(value):
-    """Replace ``{simulated}`` in every string of a fetch spec with the simulated sources' absolute path."""
+    """Replace ``{simulated}`` in every string of a spec (fetch, evaluation args) with the simulated sources' path."""
     if isinstance(value, dict):
         return {k: _fill_placeholders(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -177,7 +177,7 @@ def screen_args(screen):
             "--batch-column", s["batch_column"], "--control-label", s["control_label"]]
     if s.get("label_column"):
         args += ["--label-column", s["label_column"]]
-    for key, value in (s.get("args") or {}).items():
+    for key, value in _fill_placeholders(s.get("args") or {}).items():
         if value is True:
             args.append(f"--{key}")
         elif value is not False:

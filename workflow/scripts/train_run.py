@@ -47,9 +47,12 @@ def prepare_run_dir(run: Path, print_: str) -> bool:
         same = stored.is_file() and json.loads(stored.read_text(encoding="utf-8")).get("fingerprint") == print_
         if same and latest_checkpoint(run) is not None:
             return True
-        previous = run.with_name(run.name + ".previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        run.rename(previous)  # settings changed (or nothing to resume): keep the old run aside, start over
+        if latest_checkpoint(run) is None:
+            shutil.rmtree(run)  # nothing worth keeping (e.g. the empty directory Snakemake made for the output)
+        else:
+            previous = run.with_name(run.name + ".previous")
+            shutil.rmtree(previous, ignore_errors=True)
+            run.rename(previous)  # settings changed: keep the old run aside, start over
     run.mkdir(parents=True)
     with atomic_path(stored) as tmp:
         tmp.write_text(json.dumps({"fingerprint": print_}) + "\n", encoding="utf-8")
