@@ -83,7 +83,9 @@ def _child(config_path: Path) -> int:
     from curation.config import dataset_spec, load_config
     from curation.curate import curate_dataset
     from curation.genes import GeneTable
+    from curation.io import limit_heap_fragmentation
 
+    limit_heap_fragmentation()  # as `python -m curation` does
     config = load_config(config_path)
     spec = dataset_spec(config, "bench")
     gene_table = GeneTable.load()

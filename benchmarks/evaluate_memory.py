@@ -85,9 +85,11 @@ def _child(job_path: Path) -> int:
     """Evaluate one screen in this process; print a JSON line with time, peak RSS and the recall."""
     import pandas as pd
 
+    from curation.io import limit_heap_fragmentation
     from txfm.evaluate import EvaluationConfig, run_evaluation
     from txfm.evaluate.simulate import BATCH_COLUMN, CONTROL_LABEL, PERTURBATION_COLUMN
 
+    limit_heap_fragmentation()  # as `txfm evaluate` does
     job = json.loads(job_path.read_text())
     cfg = EvaluationConfig(input=job["input"], perturbation_column=PERTURBATION_COLUMN, control_labels=[CONTROL_LABEL],
                            batch_column=BATCH_COLUMN, out=job["out"], embedders=["liblog", "hvg_pca"],

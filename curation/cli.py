@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from curation.io import CurationError, atomic_path
+from curation.io import CurationError, atomic_path, limit_heap_fragmentation
 
 log = logging.getLogger("curation")
 
@@ -26,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    limit_heap_fragmentation()  # streaming steps: keep peak memory independent of the number of chunks
     try:
         return args.run(args)
     except CurationError as exc:

@@ -79,3 +79,25 @@ class SeenIds:
             duplicate = repeated.iloc[0] if len(repeated) else source_ids[seen_before].iloc[0]
             raise CurationError(self.where, f"duplicate sample ID {duplicate!r}")
         self.hashes = np.sort(np.concatenate([self.hashes, hashes]))
+
+
+def limit_heap_fragmentation(mmap_threshold_bytes: int = 1 << 16) -> bool:
+    """Serve allocations above ``mmap_threshold_bytes`` with mmap (glibc ``mallopt(M_MMAP_THRESHOLD)``).
+
+    Streaming allocates and frees many chunk-sized arrays. glibc raises its mmap threshold dynamically after
+    such frees, so later chunk arrays come from the brk heap, which fragments: peak RSS then grows with the
+    number of chunks (measured +37 % from 50k to 500k cells) although live memory is flat. A fixed threshold
+    returns every chunk's memory to the OS on free. Returns False where glibc is not available (no-op).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_mmap_threshold = -3  # from <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, int(mmap_threshold_bytes)))
+    except (OSError, AttributeError):
+        return False

@@ -168,3 +168,14 @@ def test_config_rejects_bad_dataset_names_and_missing_keys(tmp_path):
         load_config({"datasets": {"x": {"modality": "bulk", "format": "gct"}}})
     with pytest.raises(CurationError, match="no dataset 'zzz'"):
         dataset_spec(load_config(MINIMAL), "zzz")
+
+
+def test_limit_heap_fragmentation_is_safe_to_call_repeatedly():
+    from curation.io import limit_heap_fragmentation
+
+    first = limit_heap_fragmentation()
+    assert limit_heap_fragmentation() == first  # idempotent; True on glibc (Linux), False elsewhere
+    import platform
+
+    if platform.libc_ver()[0] == "glibc":
+        assert first is True

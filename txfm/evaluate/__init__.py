@@ -60,7 +60,10 @@ def _csv_list(text: str) -> list[str]:
 def _run(args: argparse.Namespace) -> int:
     import logging
 
+    from curation.io import limit_heap_fragmentation
+
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    limit_heap_fragmentation()  # the screen is streamed: keep peak memory independent of its size
     cfg = EvaluationConfig(
         input=args.input, perturbation_column=args.perturbation_column, control_labels=args.control_label,
         batch_column=args.batch_column, out=args.out, checkpoint=args.checkpoint, corpus=args.corpus,
