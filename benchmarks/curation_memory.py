@@ -13,18 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-GOAL_RATIO = 1.2
+from _memory import measure_sizes, peak_rss_mb, run_child
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,16 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return _child(args.child)
 
-    rows = []
-    print(_table(rows), flush=True)  # header now, one row per finished run
-    with tempfile.TemporaryDirectory(dir=args.tmp, prefix="curation-bench-") as scratch:
-        for n_cells in sorted(args.cells):
-            rows.append(_measure(Path(scratch) / f"cells_{n_cells}", n_cells, args))
-            print(_format_row(rows[-1]), flush=True)
-    ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
-    verdict = "OK" if ratio <= GOAL_RATIO else "ABOVE GOAL"
-    print(f"\npeak RSS ratio {rows[-1]['cells']:,} / {rows[0]['cells']:,} cells: {ratio:.2f} "
-          f"(goal ≤ {GOAL_RATIO}) {verdict}")
+    measure_sizes(args.cells, lambda directory, n: _measure(directory, n, args), _HEADER, _format_row, args.tmp,
+                  "curation-bench-")
     return 0
 
 
@@ -68,11 +55,7 @@ def _measure(directory: Path, n_cells: int, args: argparse.Namespace) -> dict:
                                             "min_cells_per_gene": args.min_cells_per_gene}}}}
     config_path = directory / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    child = subprocess.run([sys.executable, __file__, "--child", str(config_path)], capture_output=True, text=True,
-                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
-    if child.returncode != 0:
-        raise SystemExit(f"curation of {n_cells} cells failed:\n{child.stderr[-3000:]}")
-    result = json.loads(child.stdout.strip().splitlines()[-1])
+    result = run_child(__file__, config_path, f"curation of {n_cells} cells")
     return {"cells": n_cells, "input_mb": matrix.stat().st_size / 2**20, "seconds": result["seconds"],
             "cells_per_s": n_cells / result["seconds"], "peak_rss_mb": result["peak_rss_mb"],
             "kept": result["n_samples"]}
@@ -93,8 +76,7 @@ def _child(config_path: Path) -> int:
     report = curate_dataset("bench", spec, Path(config["work_dir"]), gene_table=gene_table,
                             chunk_size=spec["chunk_size"], progress=False)
     seconds = time.perf_counter() - start
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kibibytes on Linux
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_kb / 1024, "n_samples": report["n_samples"]}))
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "n_samples": report["n_samples"]}))
     return 0
 
 
@@ -103,9 +85,7 @@ def _format_row(row: dict) -> str:
             f"{row['peak_rss_mb']:>12.1f} {row['kept']:>10,}")
 
 
-def _table(rows: list[dict]) -> str:
-    header = f"{'cells':>10} {'input MB':>10} {'seconds':>9} {'cells/s':>10} {'peak RSS MB':>12} {'kept':>10}"
-    return "\n".join([header, "-" * len(header), *(_format_row(r) for r in rows)])
+_HEADER = f"{'cells':>10} {'input MB':>10} {'seconds':>9} {'cells/s':>10} {'peak RSS MB':>12} {'kept':>10}"
 
 
 if __name__ == "__main__":

@@ -14,16 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-GOAL_RATIO = 1.2
+from _memory import measure_sizes, peak_rss_mb, run_child
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,16 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return _child(args.child)
 
-    rows: list[dict] = []
-    print(_header(), flush=True)
-    with tempfile.TemporaryDirectory(dir=args.tmp, prefix="evaluate-bench-") as scratch:
-        for n_cells in sorted(args.cells):
-            rows.append(_measure(Path(scratch) / f"cells_{n_cells}", n_cells, args))
-            print(_format_row(rows[-1]), flush=True)
-    ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
-    verdict = "OK" if ratio <= GOAL_RATIO else "ABOVE GOAL"
-    print(f"\npeak RSS ratio {rows[-1]['cells']:,} / {rows[0]['cells']:,} cells: {ratio:.2f} "
-          f"(goal ≤ {GOAL_RATIO}) {verdict}")
+    measure_sizes(args.cells, lambda directory, n: _measure(directory, n, args), _HEADER, _format_row, args.tmp,
+                  "evaluate-bench-")
     return 0
 
 
@@ -70,14 +57,10 @@ def _measure(directory: Path, n_cells: int, args: argparse.Namespace) -> dict:
            "label_column": args.label_column, "seed": args.seed}
     job_path = directory / "job.json"
     job_path.write_text(json.dumps(job))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {}
     if args.blas_threads is not None:
-        env.update({name: str(args.blas_threads) for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")})
-    child = subprocess.run([sys.executable, __file__, "--child", str(job_path)], capture_output=True, text=True,
-                           cwd=REPO, env=env, check=False)
-    if child.returncode != 0:
-        raise SystemExit(f"evaluation of {n_cells} cells failed:\n{child.stderr[-3000:]}")
-    result = json.loads(child.stdout.strip().splitlines()[-1])
+        env = {name: str(args.blas_threads) for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    result = run_child(__file__, job_path, f"evaluation of {n_cells} cells", env)
     return {"cells": n_cells, "input_mb": screen.stat().st_size / 2**20, "write_s": write_seconds, **result}
 
 
@@ -98,19 +81,16 @@ def _child(job_path: Path) -> int:
     started = time.perf_counter()
     results: pd.DataFrame = run_evaluation(cfg).set_index("embedder")
     seconds = time.perf_counter() - started
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kibibytes on Linux
     timing = json.loads((Path(job["out"]) / "report.json").read_text())["embedders"]
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_kb / 1024,
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(),
                       "liblog_s": timing["liblog"]["seconds"], "hvg_pca_s": timing["hvg_pca"]["seconds"],
                       "recall_liblog": float(results.loc["liblog", "recall_avg_5_95"]),
                       "recall_hvg_pca": float(results.loc["hvg_pca", "recall_avg_5_95"])}))
     return 0
 
 
-def _header() -> str:
-    header = (f"{'cells':>9} {'input MB':>9} {'write s':>8} {'eval s':>8} {'liblog s':>9} {'hvg_pca s':>9} "
-              f"{'peak RSS MB':>12} {'recall liblog':>13} {'recall hvg':>11}")
-    return header + "\n" + "-" * len(header)
+_HEADER = (f"{'cells':>9} {'input MB':>9} {'write s':>8} {'eval s':>8} {'liblog s':>9} {'hvg_pca s':>9} "
+           f"{'peak RSS MB':>12} {'recall liblog':>13} {'recall hvg':>11}")
 
 
 def _format_row(row: dict) -> str:
