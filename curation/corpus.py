@@ -580,13 +580,20 @@ def validate_corpus(path: Path) -> list[str]:
     return problems
 
 
+def _read_checked(path: Path, table_schema: pa.Schema, problems: list[str]) -> pa.Table | None:
+    """``path`` read and checked against ``table_schema``, or None with a one-line problem recorded."""
+    try:
+        return schema.check_table(pq.read_table(path), table_schema, str(path))
+    except (OSError, ValueError) as exc:
+        problems.append(_one_line(exc) if str(path) in str(exc) else f"{path}: {_one_line(exc)}")
+        return None
+
+
 def _validate_genes(corpus: Path, problems: list[str]) -> int | None:
     """Vocabulary size, or None (with a problem recorded) when genes.parquet is unusable."""
     path = corpus / schema.GENES_FILE
-    try:
-        table = schema.check_table(pq.read_table(path), schema.GENES_SCHEMA, str(path))
-    except (OSError, ValueError) as exc:
-        problems.append(_one_line(exc) if str(path) in str(exc) else f"{path}: {_one_line(exc)}")
+    table = _read_checked(path, schema.GENES_SCHEMA, problems)
+    if table is None:
         return None
     gene_idx = table["gene_idx"].to_numpy()
     if not np.array_equal(gene_idx, np.arange(table.num_rows)):
@@ -599,10 +606,8 @@ def _validate_genes(corpus: Path, problems: list[str]) -> int | None:
 def _validate_datasets_table(corpus: Path, n_genes: int | None, problems: list[str]) -> dict | None:
     """{"panels": {name: bool mask over genes}, "n_samples": {name: n}} or None when unusable."""
     path = corpus / schema.DATASETS_FILE
-    try:
-        table = schema.check_table(pq.read_table(path), schema.DATASETS_SCHEMA, str(path))
-    except (OSError, ValueError) as exc:
-        problems.append(_one_line(exc) if str(path) in str(exc) else f"{path}: {_one_line(exc)}")
+    table = _read_checked(path, schema.DATASETS_SCHEMA, problems)
+    if table is None:
         return None
     panels, n_samples = {}, {}
     for row in table.to_pylist():
