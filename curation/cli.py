@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from curation.io import CurationError, atomic_path, limit_heap_fragmentation
+from curation.io import CurationError, atomic_path, limit_heap_fragmentation, one_line
 
 log = logging.getLogger("curation")
 
@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except CurationError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 
@@ -220,7 +220,7 @@ def run_demo(demo_dir: Path, seed: int = 0, scale: float = 1.0, progress: bool =
     try:
         datasets = yaml.safe_load(datasets_file.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
-        raise CurationError(datasets_file, f"unreadable ({' '.join(str(exc).split())})") from None
+        raise CurationError(datasets_file, f"unreadable ({one_line(exc)})") from None
     if isinstance(datasets, dict) and "datasets" in datasets:
         datasets = datasets["datasets"]
     config = load_config(write_demo_config(demo_dir, datasets, seed))

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import jsonschema
 import yaml
 
-from curation.io import CurationError
+from curation.io import CurationError, one_line
 
 DATASET_SCHEMA_FILE = Path(__file__).with_name("dataset.schema.yaml")
 
@@ -126,7 +126,7 @@ def _read_yaml(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise CurationError(path, "config file not found") from None
     except yaml.YAMLError as exc:
-        problem = " ".join(str(exc).split())
+        problem = one_line(exc)
         raise CurationError(path, f"not valid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise CurationError(path, "config must be a YAML mapping with a 'datasets' key")
@@ -138,7 +138,7 @@ def _validate(config: Mapping[str, Any], schema: dict, where: str) -> None:
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
         location = ".".join(str(part) for part in error.absolute_path)
-        message = " ".join(error.message.split())
+        message = one_line(error.message)
         raise CurationError(where, f"{location}: {message}" if location else message)
 
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from curation import schema
 from curation.config import config_digest
-from curation.io import CurationError, atomic_path, file_digest
+from curation.io import CurationError, atomic_path, file_digest, one_line
 
 #: Rows per record batch read from a curated file (bounded memory: ~ this × genes detected per sample).
 READ_BATCH_ROWS = schema.ROW_GROUP_ROWS
@@ -160,16 +160,13 @@ def _load_inputs(config: Mapping[str, Any], work_dir: Path, n_reference: int) ->
     return inputs
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
 
 def _read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except json.JSONDecodeError as exc:
-        raise CurationError(path, f"not valid JSON ({_one_line(exc)})") from None
+        raise CurationError(path, f"not valid JSON ({one_line(exc)})") from None
     if not isinstance(data, dict):
         raise CurationError(path, "expected a JSON object")
     return data
@@ -194,14 +191,14 @@ def _read_parquet(path: Path) -> pa.Table:
     try:
         return pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
-        raise CurationError(path, f"not a readable Parquet file ({_one_line(exc)})") from None
+        raise CurationError(path, f"not a readable Parquet file ({one_line(exc)})") from None
 
 
 def _check_samples_schema(path: Path) -> None:
     try:
         names = pq.read_schema(path).names
     except (pa.ArrowException, OSError) as exc:
-        raise CurationError(path, f"not a readable Parquet file ({_one_line(exc)})") from None
+        raise CurationError(path, f"not a readable Parquet file ({one_line(exc)})") from None
     missing = [n for n in schema.SAMPLE_SCHEMA.names if n not in names]
     if missing:
         raise CurationError(path, f"missing column(s) {', '.join(missing)}")
@@ -585,7 +582,7 @@ def _read_checked(path: Path, table_schema: pa.Schema, problems: list[str]) -> p
     try:
         return schema.check_table(pq.read_table(path), table_schema, str(path))
     except (OSError, ValueError) as exc:
-        problems.append(_one_line(exc) if str(path) in str(exc) else f"{path}: {_one_line(exc)}")
+        problems.append(one_line(exc) if str(path) in str(exc) else f"{path}: {one_line(exc)}")
         return None
 
 
@@ -698,7 +695,7 @@ def _validate_shard(corpus: Path, shard: Path, state: _ShardChecks, problems: li
     try:
         parquet = pq.ParquetFile(shard, pre_buffer=False)
     except Exception as exc:  # noqa: BLE001 — corrupt bytes surface as many exception types; report, don't crash
-        problems.append(f"{shard}: not a readable Parquet file ({_one_line(exc)})")
+        problems.append(f"{shard}: not a readable Parquet file ({one_line(exc)})")
         return
     actual = parquet.schema_arrow
     if actual.names != schema.SAMPLE_SCHEMA.names or any(
@@ -719,7 +716,7 @@ def _validate_shard(corpus: Path, shard: Path, state: _ShardChecks, problems: li
             for batch_name in pc.unique(batch.column("batch")).to_pylist():
                 state.batch_splits.setdefault((dataset, batch_name), set()).add(split)
     except Exception as exc:  # noqa: BLE001 — as above: a corrupt page is a finding, not a crash
-        problem("read", f"unreadable ({_one_line(exc)})")
+        problem("read", f"unreadable ({one_line(exc)})")
     problems.extend(found.values())
 
 

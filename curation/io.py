@@ -12,6 +12,11 @@ import numpy as np
 import pandas as pd
 
 
+def one_line(text: object) -> str:
+    """``str(text)`` with every run of whitespace (newlines included) folded to one space."""
+    return " ".join(str(text).split())
+
+
 class CurationError(ValueError):
     """Bad input. ``str(err)`` is one line: ``<file>: <what is wrong>``."""
 

@@ -63,7 +63,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm import tqdm
 
-from curation.io import CurationError, SeenIds
+from curation.io import CurationError, SeenIds, one_line
 
 FORMATS: tuple[str, ...] = ("h5ad", "10x_mtx", "10x_h5", "gct", "star_counts", "geo_table",
                             "sciplex_triplets", "mixseq_zip")
@@ -237,9 +237,6 @@ class Reader:
 # ----------------------------------------------------------------------------------------------------
 # Shared helpers: errors, streams, checks
 # ----------------------------------------------------------------------------------------------------
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
 
 @contextlib.contextmanager
 def _reading(where: str | os.PathLike) -> Iterator[None]:
@@ -251,17 +248,17 @@ def _reading(where: str | os.PathLike) -> Iterator[None]:
     except (EOFError, zlib.error, gzip.BadGzipFile):
         raise CurationError(where, "truncated or corrupt gzip") from None
     except zipfile.BadZipFile as exc:
-        raise CurationError(where, f"not a readable zip archive ({_one_line(exc)})") from None
+        raise CurationError(where, f"not a readable zip archive ({one_line(exc)})") from None
     except UnicodeDecodeError:
         raise CurationError(where, "not UTF-8 text (binary or wrongly compressed file?)") from None
     except pd.errors.EmptyDataError:
         raise CurationError(where, "file is empty") from None
     except pd.errors.ParserError as exc:
-        raise CurationError(where, f"malformed table ({_one_line(exc)})") from None
+        raise CurationError(where, f"malformed table ({one_line(exc)})") from None
     except FileNotFoundError as exc:
         raise CurationError(exc.filename or where, "file not found") from None
     except OSError as exc:  # h5py raises OSError for truncated / non-HDF5 files
-        raise CurationError(where, f"I/O error while reading ({_one_line(exc)})") from None
+        raise CurationError(where, f"I/O error while reading ({one_line(exc)})") from None
 
 
 def _gunzip_if_needed(raw: IO[bytes]) -> IO[bytes]:

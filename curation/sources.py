@@ -43,7 +43,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 from urllib.parse import unquote, urljoin, urlparse
 
 import jsonschema
@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from curation.config import dataset_schema
 from curation.download import DownloadError, download, extract_archive
-from curation.io import CurationError, atomic_path
+from curation.io import CurationError, atomic_path, one_line
 
 log = logging.getLogger("curation.sources")
 
@@ -156,7 +156,7 @@ def load_manifest(path: str | os.PathLike | None = None) -> dict[str, Any]:
     except FileNotFoundError:
         raise CurationError(path, "source manifest not found") from None
     except yaml.YAMLError as exc:
-        raise CurationError(path, f"not valid YAML ({' '.join(str(exc).split())})") from None
+        raise CurationError(path, f"not valid YAML ({one_line(exc)})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("sources"), dict):
         raise CurationError(path, "a source manifest must be a mapping with a 'sources' mapping")
     for section in ("sources", "evaluation_screens"):
@@ -173,7 +173,7 @@ def check_fetch_spec(spec: Mapping[str, Any], where: str) -> None:
     error = jsonschema.exceptions.best_match(validator.iter_errors(dict(spec)))
     if error is not None:
         location = ".".join(str(p) for p in error.absolute_path)
-        raise CurationError(None, f"{where}{'.' + location if location else ''}: {' '.join(error.message.split())}")
+        raise CurationError(None, f"{where}{'.' + location if location else ''}: {one_line(error.message)}")
 
 
 def curation_entry(name: str, entry: Mapping[str, Any]) -> dict[str, Any]:
@@ -587,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   timeout_s=args.timeout, workers=args.workers)
             print(f"{args.name}: {len(record['files'])} file(s) in {args.out}")
     except (CurationError, DownloadError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from curation.io import atomic_path
+from curation.io import atomic_path, one_line
 from txfm.model import TxFM, TxFMConfig
 
 MODEL_FILE = "model.safetensors"
@@ -122,7 +122,7 @@ def load_model(directory: str | os.PathLike, map_location: str | torch.device = 
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        detail = " ".join(str(exc).split())[:300]  # one line, bounded
+        detail = one_line(exc)[:300]  # bounded
         raise ValueError(f"{weights_path}: weights do not match config.json ({detail})") from None
     model.eval()
     try:
