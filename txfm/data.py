@@ -565,6 +565,11 @@ def _worker_init(worker_id: int) -> None:
 # --------------------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------------------
+def as_corpus_info(corpus: str | Path | CorpusInfo) -> CorpusInfo:
+    """``corpus`` itself when already opened, else ``CorpusInfo.open(corpus)`` (so callers open it once)."""
+    return corpus if isinstance(corpus, CorpusInfo) else CorpusInfo.open(corpus)
+
+
 def microbatches_per_stream(corpus: str | Path | CorpusInfo, cfg: LoaderConfig, num_streams: int) -> int:
     """Micro-batches per stream per epoch, the same for every stream and epoch: ``(T // S) // B``."""
     cfg.validate()
@@ -582,7 +587,7 @@ def make_loader(corpus: str | Path | CorpusInfo, cfg: LoaderConfig, streams: lis
     Raises ValueError when the split is empty or has fewer than ``num_streams · micro_batch`` samples.
     """
     cfg.validate()
-    info = corpus if isinstance(corpus, CorpusInfo) else CorpusInfo.open(corpus)
+    info = as_corpus_info(corpus)
     if num_streams < 1 or not streams or any(not 0 <= s < num_streams for s in streams):
         raise ValueError(f"streams must be a non-empty list of ints in [0, {num_streams}), got {streams}")
     if len(set(streams)) != len(streams):

@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 from curation.io import atomic_path
 from curation.schema import list_shards
 from txfm.config import TrainConfig, resume_mismatches, save_config
-from txfm.data import CorpusInfo, LoaderConfig, densify_target, make_loader, microbatches_per_stream
+from txfm.data import (CorpusInfo, LoaderConfig, as_corpus_info, densify_target, make_loader,
+                       microbatches_per_stream)
 from txfm.losses import activation_logits_for, expression_loss
 from txfm.model import TxFM, TxFMConfig, param_groups
 from txfm.trainer_state import (capture_rng_state, checkpoint_name, checkpoints_root, latest_checkpoint,
@@ -310,13 +311,14 @@ def rng_neutral(iterable: Iterable[Any]) -> Iterator[Any]:
         yield item
 
 
-def train_batches(corpus: str, loader_cfg: LoaderConfig, streams: list[int], num_streams: int,
+def train_batches(corpus: str | CorpusInfo, loader_cfg: LoaderConfig, streams: list[int], num_streams: int,
                   steps_per_epoch: int, accum: int, start_step: int) -> Iterator[tuple[int, dict[str, Tensor]]]:
     """Endless ``(epoch, micro-batch)`` sequence of one rank starting after ``start_step`` optimizer steps.
 
     Each step takes ``accum`` micro-batches (one per stream of this rank); epochs advance every
     ``steps_per_epoch`` steps, so the position is a pure function of the step (exact resume).
     """
+    corpus = as_corpus_info(corpus)  # opened once for every epoch's loader
     epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
     skip = step_in_epoch * accum
     per_epoch = steps_per_epoch * accum
@@ -327,7 +329,7 @@ def train_batches(corpus: str, loader_cfg: LoaderConfig, streams: list[int], num
             yielded += 1
             yield epoch, batch
         if yielded < per_epoch - skip:
-            raise RuntimeError(f"{corpus}: loader gave {skip + yielded} micro-batches in epoch {epoch}, "
+            raise RuntimeError(f"{corpus.path}: loader gave {skip + yielded} micro-batches in epoch {epoch}, "
                                f"expected {per_epoch} (microbatches_per_stream × streams)")
         epoch, skip = epoch + 1, 0
 
@@ -351,8 +353,8 @@ def _rank_share(loader: Iterator[dict[str, Tensor]], n_batches: int, ctx: DistCo
 
 
 @torch.no_grad()
-def estimate_mean_baseline(corpus: str, loader_cfg: LoaderConfig, n_batches: int, n_genes: int, loss: str,
-                           ctx: DistContext, panel_mask: Tensor | None = None) -> Tensor:
+def estimate_mean_baseline(corpus: str | CorpusInfo, loader_cfg: LoaderConfig, n_batches: int, n_genes: int,
+                           loss: str, ctx: DistContext, panel_mask: Tensor | None = None) -> Tensor:
     """Per-gene constant prediction [G] (log1p space) that minimises ``loss`` on the first ``n_batches``
     train micro-batches of one stream (epoch 0), over measured entries only.
 
@@ -360,8 +362,9 @@ def estimate_mean_baseline(corpus: str, loader_cfg: LoaderConfig, n_batches: int
     mean x. Genes never measured in those batches get the pooled value over all genes.
     """
     sums = torch.zeros(3, n_genes, dtype=torch.float64, device=ctx.device)  # Σx, Σe^x, n over measured
+    corpus = as_corpus_info(corpus)
     if panel_mask is None:
-        panel_mask = CorpusInfo.open(corpus).panel_mask
+        panel_mask = corpus.panel_mask
     loader = make_loader(corpus, dataclasses.replace(loader_cfg, split="train", num_workers=0), [0], 1, 0)
     for batch in _rank_share(loader, n_batches, ctx, panel_mask):
         mask = batch["target_mask"].to(torch.float64)
@@ -371,7 +374,7 @@ def estimate_mean_baseline(corpus: str, loader_cfg: LoaderConfig, n_batches: int
         sums[2] += mask.sum(0)
     ctx.all_reduce(sums)
     if sums[2].sum() == 0:
-        raise ValueError(f"{corpus}: no measured train entries in the first {n_batches} micro-batches")
+        raise ValueError(f"{corpus.path}: no measured train entries in the first {n_batches} micro-batches")
     rate_scale = loss in _RATE_SCALE_LOSSES
     numerator = sums[1] if rate_scale else sums[0]
     pooled = numerator.sum() / sums[2].sum()
@@ -380,7 +383,7 @@ def estimate_mean_baseline(corpus: str, loader_cfg: LoaderConfig, n_batches: int
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, corpus: str, val_cfg: LoaderConfig, n_batches: int, loss: str,
+def evaluate(model: nn.Module, corpus: str | CorpusInfo, val_cfg: LoaderConfig, n_batches: int, loss: str,
              baseline: Tensor, ctx: DistContext, autocast: Callable[[], contextlib.AbstractContextManager],
              panel_mask: Tensor | None = None) -> tuple[float, float]:
     """``(val_loss, baseline_val_loss)``: means over the measured entries of the first ``n_batches`` val
@@ -388,8 +391,9 @@ def evaluate(model: nn.Module, corpus: str, val_cfg: LoaderConfig, n_batches: in
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # Σ loss·n, Σ baseline loss·n, Σ n
+    corpus = as_corpus_info(corpus)
     if panel_mask is None:
-        panel_mask = CorpusInfo.open(corpus).panel_mask
+        panel_mask = corpus.panel_mask
     loader = make_loader(corpus, val_cfg, [0], 1, 0)
     for batch in _rank_share(loader, n_batches, ctx, panel_mask):
         with autocast():
@@ -507,7 +511,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, stop_at_step: int |
     if cfg.num_workers > 1 and accum % cfg.num_workers and ctx.is_main:
         warnings.warn(f"num_workers={cfg.num_workers} does not divide the {accum} loader streams per process: "
                       "workers will decode some row groups more than once (see txfm.data)", RuntimeWarning)
-    steps_per_epoch = microbatches_per_stream(cfg.corpus, loader_cfg, num_streams)
+    steps_per_epoch = microbatches_per_stream(info, loader_cfg, num_streams)
     if steps_per_epoch < 1:
         raise ValueError(f"{cfg.corpus}: train split has fewer samples than one global batch ({cfg.global_batch})")
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
@@ -556,7 +560,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, stop_at_step: int |
     has_val = cfg.val_batches > 0 and _split_exists(cfg.corpus, "val")
     panel_mask = info.panel_mask.to(device)  # [D, G], densifies sparse targets on the device
     init_bias = checkpoint is None and cfg.init_output_bias == "mean"
-    baseline = (estimate_mean_baseline(cfg.corpus, loader_cfg, max(1, cfg.baseline_batches), info.n_genes,
+    baseline = (estimate_mean_baseline(info, loader_cfg, max(1, cfg.baseline_batches), info.n_genes,
                                        cfg.loss, ctx, panel_mask) if has_val or init_bias else None)
     if init_bias:  # start at the predict-the-mean baseline; identical on every rank (the baseline is all-reduced)
         with torch.no_grad():
@@ -566,7 +570,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, stop_at_step: int |
 
     # --- training ------------------------------------------------------------------------------------------
     batches = DevicePrefetcher(
-        train_batches(cfg.corpus, loader_cfg, streams, num_streams, steps_per_epoch, accum, start_step),
+        train_batches(info, loader_cfg, streams, num_streams, steps_per_epoch, accum, start_step),
         device, panel_mask, cfg.attention_fast_path, enabled=cfg.prefetch)
     no_bad_step = torch.iinfo(torch.int64).max
     first_bad_step = torch.full((), no_bad_step, dtype=torch.int64, device=device)
@@ -617,7 +621,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, stop_at_step: int |
         interval_steps = 0
         if do_val:
             record["val_loss"], record["baseline_val_loss"] = evaluate(
-                model, cfg.corpus, val_cfg, cfg.val_batches, cfg.loss, baseline, ctx, autocast, panel_mask)
+                model, info, val_cfg, cfg.val_batches, cfg.loss, baseline, ctx, autocast, panel_mask)
         metrics.write(record)
         last.update({k: record[k] for k in last if k in record})
         bar.set_postfix({k: f"{v:.4g}" for k, v in (("loss", record["loss"]), ("val", record.get("val_loss")),
