@@ -13,6 +13,14 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+# Rules run `python -m curation|simulation|txfm.cli …` and workflow/scripts from this repository. With it first on
+# PYTHONPATH they also work inside the per-rule conda envs (workflow/envs/, --software-deployment-method conda),
+# where the project itself is not installed, and always run the code of this checkout.
+REPO = os.path.abspath(os.path.join(workflow.basedir, ".."))
+shell.prefix(f'set -euo pipefail; export PYTHONPATH="{REPO}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"; ')  # braces doubled twice: f-string, then Snakemake formats the prefix
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
 from curation.config import load_config as load_curation_config
 from curation.io import CurationError, atomic_path
 from curation.sources import check_fetch_spec, curation_entry, load_manifest

@@ -31,6 +31,8 @@ rule dedup:
     resources:
         mem_mb=16000,
         runtime=6 * 60,
+    conda:
+        "../envs/curation.yaml"
     shell:
         "python -m curation {params.quiet} dedup --config {input.config} > {log} 2>&1"
 
@@ -64,6 +66,8 @@ rule build_corpus:
     resources:
         mem_mb=16000,
         runtime=12 * 60,
+    conda:
+        "../envs/curation.yaml"
     shell:
         "(python -m curation {params.quiet} build-corpus --config {input.config} --out {params.corpus} "
         "&& python -m curation validate {params.corpus}) > {log} 2>&1"

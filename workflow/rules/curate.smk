@@ -34,6 +34,8 @@ rule curate_dataset:
     resources:
         mem_mb=8000,
         runtime=12 * 60,
+    conda:
+        "../envs/curation.yaml"
     shell:
         "python -m curation {params.quiet} curate --config {input.config} --dataset {wildcards.dataset} "
         "> {log} 2>&1"
@@ -56,6 +58,8 @@ rule phenoprint_dataset:
     resources:
         mem_mb=16000,
         runtime=12 * 60,
+    conda:
+        "../envs/curation.yaml"
     shell:
         "python -m curation {params.quiet} phenoprint --config {input.config} --dataset {wildcards.dataset} "
         "> {log} 2>&1"

@@ -21,6 +21,8 @@ if SIMULATED is not None:
         resources:
             mem_mb=2000,
             runtime=30,
+        conda:
+            "../envs/curation.yaml"
         shell:
             "python -m simulation --quiet sources --out {params.out} --seed {params.seed} "
             "--scale {params.scale} > {log} 2>&1"
@@ -51,6 +53,8 @@ rule fetch_source:
         runtime=24 * 60,
         downloads=1,
     retries: 2
+    conda:
+        "../envs/curation.yaml"
     shell:
         "python -m curation.sources {params.quiet} fetch --name {wildcards.source} --spec {params.spec:q} "
         "--out {params.out} --retries {params.retries} --timeout {params.timeout} --workers {params.workers} "

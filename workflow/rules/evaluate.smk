@@ -38,6 +38,8 @@ rule evaluate_screen:
     resources:
         mem_mb=config["evaluate"]["mem_mb"],
         runtime=config["evaluate"]["runtime"],
+    conda:
+        "../envs/txfm.yaml"
     shell:
         "python -m txfm.cli evaluate {params.args} --checkpoint {params.run} --corpus {params.corpus} "
         "--out {params.out} --no-progress > {log} 2>&1"

@@ -16,6 +16,8 @@ if not PREBUILT:
         log:
             f"{LOGS}/report_table1.log",
         localrule: True
+        conda:
+            "../envs/curation.yaml"
         shell:
             "python {params.script} table1 --manifest {input.corpus} --paper {params.paper:q} --out {output} "
             "> {log} 2>&1"
@@ -35,6 +37,8 @@ if TRAIN["enabled"]:
         log:
             f"{LOGS}/report_training.log",
         localrule: True
+        conda:
+            "../envs/txfm.yaml"
         shell:
             "python {params.script} training --run {params.run} --out {output} > {log} 2>&1"
 
@@ -53,6 +57,8 @@ if EVALUATE:
         log:
             f"{LOGS}/report_evaluation.log",
         localrule: True
+        conda:
+            "../envs/txfm.yaml"
         shell:
             "python {params.script} evaluation --results {input.results} --screens {params.screens} "
             "--out {output} > {log} 2>&1"

@@ -28,6 +28,8 @@ rule train_model:
     threads: TRAIN["threads"]
     resources:
         **train_resources(),
+    conda:
+        "../envs/txfm.yaml"
     shell:
         "python {params.script} --corpus {params.corpus} --out {params.run} --config {input.config} "
         "--gpus {params.gpus} -- {params.overrides} > {log} 2>&1"
