@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ import txfm.train as train_module
 from txfm.config import TrainConfig, build_config
 from txfm.data import LoaderConfig
 from txfm.losses import expression_loss
+from txfm.model import TxFM
 from simulation.corpus import write_synthetic_corpus
 from txfm.train import (DistContext, NonFiniteLossError, estimate_mean_baseline, gradient_accumulation,
                         one_cycle_cosine, read_metrics, resolve_weight_decay, train)
@@ -97,6 +99,18 @@ def test_loss_falls_and_beats_predict_the_mean(corpus, tmp_path):
     assert state["step"] == 400 and state["accum"] == 1 and state["world_size"] == 1
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 0
     assert (tmp_path / "run" / "train_config.yaml").is_file()
+
+    # The checkpoint is a hub-style model directory: from_pretrained loads it (from the run dir too) offline,
+    # and its generated model card names the training data, the vocabulary and the last validation metrics.
+    model = TxFM.from_pretrained(tmp_path / "run")
+    assert list(model.vocabulary["gene_id"]) == list(pd.read_parquet(Path(corpus) / "genes.parquet")["gene_id"])
+    assert model.extra["step"] == 400 and not model.training
+    card = (result.checkpoint / "README.md").read_text()
+    manifest = json.loads((Path(corpus) / "manifest.json").read_text())
+    assert "library_name: txfm" in card and f"{manifest['n_samples']} samples" in card
+    assert all(f"| {name} |" in card for name in manifest["datasets"])
+    assert f"{model.cfg.n_genes} genes in `genes.parquet`" in card
+    assert f"| val_loss | {val[-1]['val_loss']:.6g} |" in card
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(corpus, tmp_path):

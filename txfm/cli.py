@@ -1,4 +1,4 @@
-"""The ``txfm`` command: ``train``, ``embed``, ``export-gene-weights`` (and ``evaluate`` once it exists).
+"""The ``txfm`` command: ``train``, ``embed``, ``export-gene-weights`` and ``evaluate``.
 
 Every subcommand's ``func(args) -> int`` returns the exit status; bad input (ValueError, which includes
 CurationError) and a diverged run (NonFiniteLossError) end with a one-line ``txfm: error: …`` and status 1.
@@ -8,7 +8,6 @@ Multi-GPU training: ``torchrun --nproc_per_node N -m txfm.cli train …``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -61,7 +60,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``txfm`` argument parser with every available subcommand."""
-    from txfm import embed, export
+    from txfm import embed, evaluate, export
 
     parser = argparse.ArgumentParser(prog="txfm", description="TxFM: train, embed with and evaluate the "
                                                              "transcriptomics foundation model.")
@@ -70,10 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     embed.register(subparsers)
     export.register(subparsers)
-    if importlib.util.find_spec("txfm.evaluate") is not None:  # written later; imported unguarded once present
-        from txfm import evaluate
-
-        evaluate.register(subparsers)
+    evaluate.register(subparsers)
     return parser
 
 

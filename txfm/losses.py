@@ -15,11 +15,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 LOSS_KINDS = ("poisson", "mse", "smooth_l1", "negative_binomial")
 
-#: Default inverse dispersion θ of the negative binomial when it is not learned (var = μ + μ²/θ).
+#: Default inverse dispersion θ of the negative binomial loss (var = μ + μ²/θ).
 DEFAULT_NB_THETA = 10.0
 
 
@@ -104,7 +104,7 @@ def negative_binomial_elementwise(pred: Tensor, target: Tensor, log_theta: Tenso
         NLL = lgamma(θ) + lgamma(y+1) − lgamma(y+θ) − θ·log(θ/(θ+μ)) − y·log(μ/(θ+μ))
 
     ``s = library_size / L`` turns normalised counts back into the sample's raw counts (integers).
-    ``log_theta`` is a scalar or ``[G]`` tensor (log θ; per gene when learned).
+    ``log_theta`` is a scalar or ``[G]`` tensor (log θ, one per gene or shared).
     """
     y = torch.expm1(target).clamp(min=0.0)
     mu = torch.expm1(pred).clamp(min=0.0)
@@ -127,8 +127,8 @@ def expression_loss(pred: Tensor, target: Tensor, mask: Tensor, kind: str = "poi
 
     kinds: ``poisson`` (e^x̂ − x̂·e^x, equals ``F.poisson_nll_loss(pred[mask], target[mask].exp(),
     log_input=True)``), ``mse``, ``smooth_l1`` (Huber with ``smooth_l1_beta``), ``negative_binomial`` (see
-    :func:`negative_binomial_elementwise`; ``log_theta`` = fixed float, or a scalar/[G] tensor that may be a
-    learned parameter, e.g. :class:`ExpressionLoss`; default θ = 10; ``size_factor`` [B] optional).
+    :func:`negative_binomial_elementwise`; ``log_theta`` = fixed float, or a scalar/[G] tensor; default θ = 10;
+    ``size_factor`` [B] optional).
     """
     _check_shapes(pred, target, mask)
     pred = pred.masked_fill(~mask, 0.0)
@@ -152,32 +152,3 @@ def expression_loss(pred: Tensor, target: Tensor, mask: Tensor, kind: str = "poi
     weights = mask.to(per_entry.dtype)
     # Division by a clamped count keeps an all-unmeasured batch at loss 0 instead of NaN.
     return (per_entry * weights).sum() / weights.sum().clamp(min=1.0)
-
-
-class ExpressionLoss(nn.Module):
-    """:func:`expression_loss` as a module; owns the per-gene log θ when the NB dispersion is learned.
-
-    Add its parameters to the optimizer (they are empty unless ``learn_dispersion``).
-    """
-
-    def __init__(self, kind: str = "poisson", n_genes: int | None = None, learn_dispersion: bool = False,
-                 theta: float = DEFAULT_NB_THETA, smooth_l1_beta: float = 1.0):
-        super().__init__()
-        if kind not in LOSS_KINDS:
-            raise ValueError(f"ExpressionLoss: unknown kind {kind!r}; expected one of {LOSS_KINDS}")
-        if theta <= 0:
-            raise ValueError(f"ExpressionLoss: theta must be > 0, got {theta}")
-        self.kind = kind
-        self.smooth_l1_beta = smooth_l1_beta
-        self.learn_dispersion = learn_dispersion and kind == "negative_binomial"
-        if self.learn_dispersion:
-            if not n_genes:
-                raise ValueError("ExpressionLoss: learn_dispersion needs n_genes")
-            self.log_theta = nn.Parameter(torch.full((n_genes,), math.log(theta)))
-        else:
-            self.register_buffer("log_theta", torch.tensor(math.log(theta)), persistent=False)
-
-    def forward(self, pred: Tensor, target: Tensor, mask: Tensor, size_factor: Tensor | None = None) -> Tensor:
-        """[B, G] × 3 (+ optional [B] size factor) → scalar mean loss over measured entries."""
-        return expression_loss(pred, target, mask, self.kind, log_theta=self.log_theta, size_factor=size_factor,
-                               smooth_l1_beta=self.smooth_l1_beta)

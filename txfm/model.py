@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -243,6 +245,31 @@ class TxFM(nn.Module):
         # Runtime switch, not architecture (not in TxFMConfig, not saved): see set_activation_checkpointing.
         self.activation_checkpointing = False
         self.reset_parameters()
+
+    def save_pretrained(self, directory: str | os.PathLike, genes: pd.DataFrame, extra: dict | None = None) -> Path:
+        """Write a model directory (safetensors + config.json + genes.parquet + README.md model card).
+
+        ``genes``: the vocabulary, one row per model gene in output order, with a ``gene_id`` column.
+        """
+        from txfm.checkpoint import save_model
+
+        save_model(directory, self, self.cfg, genes, extra=extra)
+        return Path(directory)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "TxFM":
+        """Load a model directory (or a training run directory: its last checkpoint) offline, in eval mode.
+
+        The vocabulary (genes.parquet) is attached as ``model.vocabulary``; config.json's ``extra`` (training
+        settings, step, metrics) as ``model.extra``.
+        """
+        from txfm.checkpoint import load_model, read_model_config, resolve_checkpoint
+
+        directory = resolve_checkpoint(path)
+        model, _, genes = load_model(directory, map_location=map_location)
+        model.vocabulary = genes
+        model.extra = read_model_config(directory)[1]
+        return model
 
     def set_activation_checkpointing(self, enabled: bool) -> "TxFM":
         """Recompute each encoder block's activations in the backward pass instead of storing them.

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from curation.io import atomic_path
 from curation.schema import list_shards
+from txfm.checkpoint import training_data_summary
 from txfm.config import TrainConfig, resume_mismatches, save_config
 from txfm.data import (CorpusInfo, LoaderConfig, as_corpus_info, densify_target, make_loader,
                        microbatches_per_stream)
@@ -653,9 +654,13 @@ def _save(run_dir: Path, step: int, epoch: int, steps_per_epoch: int, accum: int
                  "steps_per_epoch": steps_per_epoch, "world_size": ctx.world_size, "accum": accum,
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_per_rank,
                  "train_config": cfg.to_dict()}
+        validated = [r for r in read_metrics(run_dir / METRICS_FILE) if r.get("val_loss") is not None] \
+            if (run_dir / METRICS_FILE).exists() else []
         path = save_checkpoint(run_dir, step, model, model_cfg, info.genes, state,
                                extra={"train_config": cfg.to_dict(), "step": step, "epoch": epoch,
-                                      "n_input_genes": cfg.n_input_genes, "library_size": cfg.library_size},
+                                      "n_input_genes": cfg.n_input_genes, "library_size": cfg.library_size,
+                                      "training_data": training_data_summary(info.path, info.datasets),
+                                      "metrics": validated[-1] if validated else {}},
                                keep=cfg.keep_checkpoints)
     ctx.barrier()
     return path
