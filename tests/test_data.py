@@ -15,7 +15,7 @@ import torch
 from curation import schema
 from curation.corpus import validate_corpus
 from curation.io import file_digest
-from txfm.data import CorpusInfo, LoaderConfig, LoaderState, make_loader, microbatches_per_stream
+from txfm.data import CorpusInfo, LoaderConfig, make_loader, microbatches_per_stream
 from simulation.corpus import write_synthetic_corpus
 
 K = 64  # input genes; the smallest panel (36 genes) is below it, the largest (120) above
@@ -244,10 +244,3 @@ def test_bad_inputs_give_one_line_errors(corpus, tmp_path):
     pq.write_table(table, shard)
     with pytest.raises(ValueError, match=rf"{shard.name}: row group 0: gene_idx outside"):
         _batches(bad, _config(micro_batch=4))
-
-
-def test_loader_state_round_trips_through_plain_ints():
-    state = LoaderState(epoch=3, microbatches_consumed=17)
-    saved = state.state_dict()
-    assert saved == {"epoch": 3, "microbatches_consumed": 17}
-    assert LoaderState.from_state_dict(saved) == state

@@ -125,7 +125,9 @@ def test_sparse_target_densifies_to_the_dense_batch(corpus):
     pairs = zip(make_loader(info, dense_cfg, [1], 2, 3), make_loader(info, sparse_cfg, [1], 2, 3))
     for dense, sparse in pairs:
         assert "target" not in sparse and sparse["target_gene"].dtype == torch.int32
-        assert sparse["target_gene"].shape[1] % 256 == 0
+        offsets = sparse["target_offsets"]
+        assert offsets[0] == 0 and offsets[-1] == sparse["target_gene"].numel() == sparse["target_value"].numel()
+        assert torch.equal(offsets.diff(), (dense["target"] > 0).sum(dim=1)), "one entry per non-zero target"
         for name in ("gene_idx", "values", "pad_mask", "dataset_idx", "library_size"):
             assert torch.equal(dense[name], sparse[name]), name
         target, mask = densify_target(sparse, info.panel_mask)

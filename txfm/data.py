@@ -12,8 +12,8 @@ samples left out of an epoch (fewer than ``num_streams · micro_batch``) differ 
 
 Within a stream, its row groups are mixed in windows of ``shuffle_buffer_row_groups`` consecutive pieces (a
 bounded shuffle buffer: rows are permuted within a window), and micro-batch ``i`` is rows
-``[i·B, (i+1)·B)`` of that order. Gene subsets of micro-batch ``i`` of stream ``s`` are drawn from a
-generator seeded with ``(seed, epoch, s, i)``. So a stream's sequence depends only on the corpus, the
+``[i·B, (i+1)·B)`` of that order. Gene subsets of micro-batch ``i`` of stream ``s`` are keyed by
+``(seed, epoch, s, i)``. So a stream's sequence depends only on the corpus, the
 split, ``seed``, ``epoch``, ``num_streams`` and the batch settings — never on ``num_workers``, the world
 size or which process reads it — and any micro-batch can be rebuilt on its own (skip-ahead is exact).
 
@@ -29,31 +29,47 @@ exactly one worker. Otherwise (e.g. one stream read by 2 workers) each worker de
 streams it touches — repeated work, the price of worker-independent sequences. Each worker keeps a small LRU
 cache of decoded row groups (about ``len(streams) · (shuffle_buffer_row_groups + 1)`` of them).
 
-Resuming: the trainer's loader state is just :class:`LoaderState` ``(epoch, microbatches_consumed)``; call
-``make_loader(..., epoch=state.epoch, start_microbatch=state.microbatches_consumed)``.
+Resuming: a trainer's position is ``(epoch, micro-batches consumed)``; call
+``make_loader(..., epoch=epoch, start_microbatch=consumed)``.
 
-Batch (``B`` = micro_batch, ``K`` = n_input_genes, ``G`` = vocabulary size):
-``gene_idx`` int64 [B, K], ``values`` float32 [B, K], ``pad_mask`` bool [B, K], ``dataset_idx`` int64 [B],
-``library_size`` float32 [B] (raw total counts), and the target in one of two formats (``target_format``):
+Decoding: the first time a shard is read its four loader columns (gene_idx, counts, library_size and the
+dataset as an index) are decoded and checked once and written, one record batch per row group, as an
+uncompressed Arrow IPC file in the decode cache (``decode_cache``: ``auto`` = ``<corpus>/.decoded``, a
+directory, or ``none``); afterwards row groups are memory-mapped from it, zero-copy, so an epoch pays no
+Parquet list decoding (zstd, repetition levels, fresh buffers). The Parquet shards stay the corpus format;
+the cache is derived, keyed by the shard's manifest sha256, size and mtime, and safe to delete.
+:func:`build_decode_cache` fills it ahead of time. Without a cache (``none``, or a read-only location)
+row groups are decoded from Parquet as they are needed.
+
+Batch (``B`` = micro_batch, ``K`` = n_input_genes, ``G`` = vocabulary size, ``nnz`` = the batch's
+non-zero entries), built by :class:`txfm.transform.InputTransform` (the one input transform, shared with
+``txfm embed``): ``gene_idx`` int64 [B, K], ``values`` float32 [B, K], ``pad_mask`` bool [B, K],
+``dataset_idx`` int64 [B], ``library_size`` float32 [B] (raw total counts), and the target in one of two
+formats (``target_format``):
 
 * ``dense`` (default): ``target`` float32 [B, G], ``target_mask`` bool [B, G];
-* ``sparse``: ``target_gene`` int32 [B, M] and ``target_value`` float32 [B, M], each sample's non-zero
-  entries padded with (gene 0, value 0) to M = the batch's largest non-zero count rounded up to a multiple
-  of :data:`SPARSE_TARGET_ALIGN`. A dense target costs B·G·5 bytes through the worker queue (7 MB at
-  G = 44k, B = 32) and its zero-filling dominated the batch build; the sparse one costs B·M·8 bytes.
-  :func:`densify_target` turns either format into ``(target, target_mask)`` on the training device.
+* ``sparse``: the normalised non-zero entries, flat: ``target_offsets`` int64 [B+1], ``target_gene`` int32
+  [nnz], ``target_value`` float32 [nnz] (sample b's entries are ``target_offsets[b]:target_offsets[b+1]``).
+  A dense target costs B·G·5 bytes through the worker queue (7 MB at G = 44k, B = 32) and its zero-fill;
+  the sparse one costs nnz·8 bytes and no host work. :func:`densify_target` scatters either format into
+  ``(target, target_mask)`` on the training device.
 
-Values are ``log1p(count / library_size · L)`` with ``L = cfg.library_size``.
+Gene subsets of micro-batch ``i`` of stream ``s`` are keyed by ``(seed, epoch, s, i)`` and the sample's
+position in the batch (:func:`txfm.transform.sample_keys`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import heapq
+import json
+import warnings
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -64,11 +80,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from curation import schema
+from curation.io import atomic_path
+from txfm.transform import LIBRARY_SIZE, N_INPUT_GENES, SAMPLING_KINDS, InputTransform, frequency_log_weight, \
+    sample_keys
 
-SAMPLING_KINDS = ("uniform", "frequency")
 TARGET_FORMATS = ("dense", "sparse")
-#: Width of sparse target arrays is rounded up to a multiple of this many entries.
-SPARSE_TARGET_ALIGN = 256
+#: ``decode_cache`` value for ``<corpus>/.decoded``, and the one that turns the cache off.
+DECODE_CACHE_AUTO, DECODE_CACHE_OFF = "auto", "none"
+DECODE_CACHE_DIR = ".decoded"
+#: Bump when the cached columns or their encoding change (part of every cache key).
+DECODE_CACHE_VERSION = 1
 #: Row groups read (evenly spread over the corpus) to estimate gene detection frequencies.
 FREQUENCY_MAX_ROW_GROUPS = 256
 # Distinct salts keep the random streams of the different decisions independent of each other.
@@ -76,6 +97,10 @@ _SALT_UNIT_ORDER = 0x0D0E
 _SALT_WINDOW = 0x5B0F
 _SALT_GENES = 0x6E5E
 _SHARD_COLUMNS = ["dataset", "gene_idx", "counts", "library_size"]
+_CACHE_SCHEMA = pa.schema([pa.field("gene_idx", pa.list_(pa.int32()), nullable=False),
+                           pa.field("counts", pa.list_(pa.float32()), nullable=False),
+                           pa.field("dataset_idx", pa.int32(), nullable=False),
+                           pa.field("library_size", pa.float64(), nullable=False)])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -103,6 +128,7 @@ class CorpusInfo:
         for d, panel in enumerate(self.panels):  # one vectorised assignment per dataset
             mask[d, panel] = True
         self.panel_mask = torch.from_numpy(mask)
+        self.shard_digest = _manifest_digests(path)
 
     @classmethod
     def open(cls, corpus: str | Path) -> "CorpusInfo":
@@ -132,13 +158,22 @@ class CorpusInfo:
                          .round().astype(np.int64))
         detected = np.zeros(self.n_genes, dtype=np.int64)
         samples_per_dataset = np.zeros(len(self.panels), dtype=np.int64)
-        reader = _RowGroupReader(units.files, self, capacity=1)
+        reader = _RowGroupReader(units.files, self, capacity=1, cache_dir=None)
         for u in pick:
             block = reader.get(int(units.file[u]), int(units.row_group[u]))
             detected += np.bincount(block.gene_idx, minlength=self.n_genes)
             samples_per_dataset += np.bincount(block.dataset_idx, minlength=len(self.panels))
         measuring = samples_per_dataset @ self.panel_mask.numpy().astype(np.int64)  # samples measuring gene
         return np.divide(detected, measuring, out=np.zeros(self.n_genes), where=measuring > 0)
+
+
+def _manifest_digests(root: Path) -> dict[str, str]:
+    """``{shard path relative to root: sha256}`` from ``manifest.json`` (empty if absent or unreadable)."""
+    try:
+        manifest = json.loads((root / schema.MANIFEST_FILE).read_text())
+        return {str(e["path"]): str(e["sha256"]) for e in manifest.get("shards", [])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}  # the loader does not need a manifest; the cache key falls back to size and mtime
 
 
 def _read_table(path: Path, table_schema: pa.Schema) -> pa.Table:
@@ -157,12 +192,16 @@ def _read_table(path: Path, table_schema: pa.Schema) -> pa.Table:
 # --------------------------------------------------------------------------------------------------------
 @dataclass
 class LoaderConfig:
-    """Loader settings. ``sampling="frequency"`` draws input genes with p ∝ freq^(1/temperature)."""
+    """Loader settings. ``sampling="frequency"`` draws input genes with p ∝ freq^(1/temperature).
+
+    Fields that share a name with :class:`txfm.config.TrainConfig` are the same setting: build a trainer's
+    loader config with :meth:`from_settings`, never by copying fields by hand.
+    """
 
     split: str = "train"
     micro_batch: int = 32
-    n_input_genes: int = 2048
-    library_size: float = 1e5
+    n_input_genes: int = N_INPUT_GENES
+    library_size: float = LIBRARY_SIZE
     sampling: str = "uniform"
     temperature: float = 1.0
     shuffle_buffer_row_groups: int = 4
@@ -170,6 +209,13 @@ class LoaderConfig:
     seed: int = 0
     pin_memory: bool | None = None  # None: pin when CUDA is available
     target_format: str = "dense"  # "sparse": ship target entries, densify on the device (densify_target)
+    decode_cache: str = DECODE_CACHE_AUTO  # "auto" = <corpus>/.decoded, "none", or a directory
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> "LoaderConfig":
+        """The loader config of any object with same-named attributes (e.g. a TrainConfig) plus ``overrides``."""
+        shared = {f.name: getattr(settings, f.name) for f in dataclasses.fields(cls) if hasattr(settings, f.name)}
+        return cls(**{**shared, **overrides})
 
     def validate(self) -> None:
         """Raise a one-line ValueError for an impossible setting."""
@@ -184,27 +230,15 @@ class LoaderConfig:
                 raise ValueError(f"LoaderConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.library_size <= 0 or self.temperature <= 0 or self.num_workers < 0:
             raise ValueError("LoaderConfig: library_size and temperature must be > 0, num_workers >= 0")
+        if not self.decode_cache:
+            raise ValueError(f"LoaderConfig.decode_cache must be {DECODE_CACHE_AUTO!r}, {DECODE_CACHE_OFF!r} "
+                             "or a directory")
 
-
-@dataclass
-class LoaderState:
-    """Where a trainer is in the data: everything needed to resume exactly.
-
-    ``microbatches_consumed`` counts micro-batches *yielded by this process's loader* in ``epoch`` (all of
-    its streams together); resume with ``make_loader(..., epoch=epoch, start_microbatch=microbatches_consumed)``.
-    """
-
-    epoch: int = 0
-    microbatches_consumed: int = 0
-
-    def state_dict(self) -> dict[str, int]:
-        """Plain ints, safe for ``torch.save`` / ``torch.load(weights_only=True)``."""
-        return asdict(self)
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, int]) -> "LoaderState":
-        """Inverse of :meth:`state_dict`."""
-        return cls(epoch=int(state["epoch"]), microbatches_consumed=int(state["microbatches_consumed"]))
+    def cache_dir(self, corpus: Path) -> Path | None:
+        """Directory of the decode cache for ``corpus``, or None when the cache is off."""
+        if self.decode_cache == DECODE_CACHE_OFF:
+            return None
+        return corpus / DECODE_CACHE_DIR if self.decode_cache == DECODE_CACHE_AUTO else Path(self.decode_cache)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -319,8 +353,8 @@ class _StreamOrder:
 class _Block:
     """One decoded row group: CSR-like expression plus per-row dataset and library size.
 
-    ``offsets`` int64 [n+1] into ``gene_idx`` int32 / ``counts`` float32 [nnz]; ``dataset_idx`` int64 [n];
-    ``library_size`` float64 [n] (raw counts).
+    ``offsets`` int [n+1] into ``gene_idx`` int32 / ``counts`` float32 [nnz]; ``dataset_idx`` int [n];
+    ``library_size`` float64 [n] (raw counts). Arrays may be read-only views of a memory-mapped cache file.
     """
 
     offsets: np.ndarray
@@ -330,55 +364,145 @@ class _Block:
     library_size: np.ndarray
 
 
-class _RowGroupReader:
-    """Reads and checks row groups, keeping the ``capacity`` most recently used ones decoded."""
+def _single_chunk(column: pa.ChunkedArray) -> pa.Array:
+    """The column as one array: zero-copy when it arrives as one chunk (the usual case for a row group)."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
-    def __init__(self, files: list[str], info: CorpusInfo, capacity: int):
-        self.files, self.info, self.capacity = files, info, capacity
+
+def _block_of(batch: pa.RecordBatch) -> _Block:
+    """Zero-copy numpy views of a cache record batch (columns of :data:`_CACHE_SCHEMA`)."""
+    genes, counts = batch.column(0), batch.column(1)
+    return _Block(genes.offsets.to_numpy(), genes.values.to_numpy(), counts.values.to_numpy(),
+                  batch.column(2).to_numpy(), batch.column(3).to_numpy())
+
+
+class _RowGroupReader:
+    """Serves checked row groups: memory-mapped from the decode cache, or decoded from Parquet.
+
+    ``cache_dir`` None: decode from Parquet on demand and keep the ``capacity`` most recently used row
+    groups. With a cache directory, a shard's cache file is written (all row groups, one at a time) on its
+    first use and memory-mapped from then on; if the directory cannot be written, one warning and the
+    Parquet path.
+    """
+
+    def __init__(self, files: list[str], info: CorpusInfo, capacity: int, cache_dir: Path | None):
+        self.files, self.info, self.capacity, self.cache_dir = files, info, capacity, cache_dir
         self._handles: dict[int, pq.ParquetFile] = {}
+        self._mapped: dict[int, pa.ipc.RecordBatchFileReader] = {}
         self._cache: OrderedDict[tuple[int, int], _Block] = OrderedDict()
 
     def get(self, file: int, row_group: int) -> _Block:
+        if self.cache_dir is not None:
+            mapped = self._mapped.get(file)
+            if mapped is None:
+                mapped = self._open_cached(file)
+            if mapped is not None:
+                return _block_of(mapped.get_batch(row_group))
         key = (file, row_group)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        block = self._decode(file, row_group)
+        block = _block_of(self._decode(file, row_group))
         self._cache[key] = block
         if len(self._cache) > self.capacity:
             self._cache.popitem(last=False)
         return block
 
-    def _decode(self, file: int, row_group: int) -> _Block:
-        path = self.files[file]
-        where = f"{path}: row group {row_group}"
+    def cache_path(self, file: int) -> Path:
+        """Cache file of shard ``file``: named by a digest of what identifies its content and the dataset order."""
+        path = Path(self.files[file])
         try:
-            if file not in self._handles:
-                self._handles[file] = pq.ParquetFile(path)
-            table = self._handles[file].read_row_group(row_group, columns=_SHARD_COLUMNS, use_threads=False)
+            relative = path.relative_to(self.info.path).as_posix()
+        except ValueError:
+            relative = path.as_posix()
+        stat = path.stat()  # size and mtime too: a shard rewritten without a new manifest gets a new key
+        key = json.dumps([DECODE_CACHE_VERSION, relative, self.info.shard_digest.get(relative), stat.st_size,
+                          stat.st_mtime_ns, list(self.info.datasets["dataset"])])
+        return self.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.arrow"
+
+    def _open_cached(self, file: int) -> pa.ipc.RecordBatchFileReader | None:
+        path = self.cache_path(file)
+        if not path.exists():
+            try:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                self._write_cache(file, path)
+            except PermissionError as exc:
+                warnings.warn(f"{self.cache_dir}: decode cache not writable ({exc}); decoding Parquet instead",
+                              RuntimeWarning)
+                self.cache_dir = None
+                return None
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        except (OSError, pa.ArrowException) as exc:
+            raise ValueError(f"{path}: unreadable decode-cache file ({exc}); delete it to rebuild") from None
+        if reader.num_record_batches != self._parquet(file).metadata.num_row_groups:
+            raise ValueError(f"{path}: decode-cache file does not match {self.files[file]}; delete it to rebuild")
+        self._mapped[file] = reader
+        return reader
+
+    def _write_cache(self, file: int, path: Path) -> None:
+        """Decode and check every row group of shard ``file`` into ``path`` (temporary name, then rename)."""
+        with atomic_path(path) as tmp:
+            with pa.ipc.new_file(str(tmp), _CACHE_SCHEMA) as writer:
+                for row_group in range(self._parquet(file).metadata.num_row_groups):
+                    writer.write_batch(self._decode(file, row_group))
+
+    def _parquet(self, file: int) -> pq.ParquetFile:
+        if file not in self._handles:
+            try:
+                self._handles[file] = pq.ParquetFile(self.files[file])
+            except (OSError, pa.ArrowException) as exc:
+                raise ValueError(f"{self.files[file]}: unreadable Parquet ({exc})") from None
+        return self._handles[file]
+
+    def _decode(self, file: int, row_group: int) -> pa.RecordBatch:
+        """Row group ``row_group`` of shard ``file`` as a checked record batch of :data:`_CACHE_SCHEMA`."""
+        where = f"{self.files[file]}: row group {row_group}"
+        try:
+            table = self._parquet(file).read_row_group(row_group, columns=_SHARD_COLUMNS, use_threads=False)
         except (OSError, pa.ArrowException, KeyError) as exc:
             raise ValueError(f"{where}: unreadable ({exc})") from None
-        genes = table.column("gene_idx").combine_chunks()
-        counts = table.column("counts").combine_chunks()
-        if genes.null_count or counts.null_count or table.column("library_size").null_count:
+        genes, counts = _single_chunk(table.column("gene_idx")), _single_chunk(table.column("counts"))
+        library = _single_chunk(table.column("library_size"))
+        if genes.null_count or counts.null_count or library.null_count:
             raise ValueError(f"{where}: null expression entries")
-        offsets = genes.offsets.to_numpy().astype(np.int64)
+        if genes.type != pa.list_(pa.int32()) or counts.type != pa.list_(pa.float32()):
+            genes, counts = genes.cast(pa.list_(pa.int32())), counts.cast(pa.list_(pa.float32()))
+        offsets = genes.offsets.to_numpy()
         if not np.array_equal(offsets, counts.offsets.to_numpy()):
             raise ValueError(f"{where}: gene_idx and counts lists differ in length")
+        if offsets[0] != 0:  # a sliced array: rebase so the cached lists start at entry 0
+            genes, counts = pa.concat_arrays([genes]), pa.concat_arrays([counts])
+            offsets = genes.offsets.to_numpy()
         gene_idx = genes.values.to_numpy()
-        encoded = pc.dictionary_encode(table.column("dataset").combine_chunks())
+        encoded = pc.dictionary_encode(_single_chunk(table.column("dataset")))
         try:
             codes = np.asarray([self.info.dataset_index[name] for name in encoded.dictionary.to_pylist()],
-                               dtype=np.int64)
+                               dtype=np.int32)
         except KeyError as exc:
             raise ValueError(f"{where}: dataset {exc.args[0]!r} is not in datasets.parquet") from None
         dataset_idx = codes[encoded.indices.to_numpy()]
-        # Vocabulary bounds are checked here (one min/max per row group); panel membership per micro-batch,
-        # where the entries' flat [B, G] positions are computed anyway.
+        # Checked once per decode (then never again per batch): vocabulary bounds and panel membership.
         if gene_idx.size and (gene_idx.min() < 0 or gene_idx.max() >= self.info.n_genes):
             raise ValueError(f"{where}: gene_idx outside the vocabulary [0, {self.info.n_genes})")
-        return _Block(offsets, gene_idx, counts.values.to_numpy(), dataset_idx,
-                      table.column("library_size").to_numpy().astype(np.float64))
+        entry_dataset = np.repeat(dataset_idx, np.diff(offsets))
+        if not self.info.panel_mask.numpy()[entry_dataset, gene_idx].all():
+            raise ValueError(f"{where}: gene_idx outside the sample's dataset panel")
+        return pa.RecordBatch.from_arrays([genes, counts, pa.array(dataset_idx), library.cast(pa.float64())],
+                                          schema=_CACHE_SCHEMA)
+
+
+def build_decode_cache(corpus: str | Path | CorpusInfo, split: str | None = None,
+                       decode_cache: str = DECODE_CACHE_AUTO) -> Path | None:
+    """Write the decode-cache files of every shard of ``split`` (all if None) that lacks one; → cache dir."""
+    info = as_corpus_info(corpus)
+    cache_dir = LoaderConfig(decode_cache=decode_cache).cache_dir(info.path)
+    files = [str(p) for p in schema.list_shards(info.path, split)]
+    reader = _RowGroupReader(files, info, capacity=1, cache_dir=cache_dir)
+    for file in range(len(files)):
+        if reader.cache_dir is not None:
+            reader._open_cached(file)
+    return reader.cache_dir
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -386,56 +510,28 @@ class _RowGroupReader:
 # --------------------------------------------------------------------------------------------------------
 def _gather_entries(reader: _RowGroupReader, units: _Units, unit: np.ndarray, row: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Non-zero entries of the samples ``(unit[b], row[b])``, b < B.
+    """Non-zero entries of the samples ``(unit[b], row[b])``, b < B, in batch order (CSR rows).
 
-    → (sample int64 [nnz], gene int32 [nnz], count float32 [nnz], dataset_idx int64 [B], library f64 [B]).
-    Loops only over the distinct row groups of the batch.
+    → (offsets int64 [B+1], gene int32 [nnz], count float32 [nnz], dataset_idx int64 [B], library f64 [B]).
+    One slice copy per sample out of its (memory-mapped) row group.
     """
     n = unit.size
+    blocks = {int(u): reader.get(int(units.file[u]), int(units.row_group[u])) for u in np.unique(unit)}
+    starts, stops = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
     dataset_idx, library = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float64)
-    samples, genes, counts = [], [], []
-    for u in np.unique(unit):
+    for u, block in blocks.items():
         sel = np.flatnonzero(unit == u)
-        block = reader.get(int(units.file[u]), int(units.row_group[u]))
         r = row[sel]
-        starts, lengths = block.offsets[r], block.offsets[r + 1] - block.offsets[r]
-        # Flat positions of all entries of the selected rows: run b covers starts[b] .. starts[b]+lengths[b].
-        flat = np.arange(lengths.sum()) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-        samples.append(np.repeat(sel, lengths))
-        genes.append(block.gene_idx[flat])
-        counts.append(block.counts[flat])
+        starts[sel], stops[sel] = block.offsets[r], block.offsets[r + 1]
         dataset_idx[sel], library[sel] = block.dataset_idx[r], block.library_size[r]
-    return np.concatenate(samples), np.concatenate(genes), np.concatenate(counts), dataset_idx, library
-
-
-def _sample_input_genes(rng: np.random.Generator, dataset_idx: np.ndarray, panels: list[np.ndarray],
-                        log_weight: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw ``k`` panel genes per sample without replacement. → (gene_idx int64 [B, k], pad_mask bool [B, k])
-
-    Uniform: the k smallest of i.i.d. uniform 32-bit integer keys (two per raw 64-bit draw: the cheapest
-    keys to draw and to partition; a tie at the cut, probability ~P²/2³³ per sample, is broken by position:
-    a negligible bias). Frequency: Gumbel-top-k on ``log_weight`` [G]
-    (p ∝ exp(log_weight)), i.e. the k smallest of ``log(-log u) - log_weight``. Panels with ≤ k genes
-    give all their genes followed by padding (gene 0, pad_mask True).
-    """
-    gene_idx = np.zeros((dataset_idx.size, k), dtype=np.int64)
-    pad_mask = np.zeros((dataset_idx.size, k), dtype=bool)
-    for d in np.unique(dataset_idx):  # loop over datasets in the batch, not genes
-        sel = np.flatnonzero(dataset_idx == d)
-        panel = panels[d]
-        if panel.size <= k:
-            gene_idx[sel, :panel.size] = panel
-            pad_mask[sel, panel.size:] = True
-            continue
-        if log_weight is None:
-            keys = rng.bit_generator.random_raw((sel.size * panel.size + 1) // 2).view(np.uint32)
-            keys = keys[:sel.size * panel.size].reshape(sel.size, panel.size)
-        else:
-            with np.errstate(divide="ignore"):
-                keys = np.log(-np.log(rng.random((sel.size, panel.size)))) - log_weight[panel]
-        chosen = np.argpartition(keys, k - 1, axis=1)[:, :k]
-        gene_idx[sel] = panel[chosen]
-    return gene_idx, pad_mask
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(stops - starts, out=offsets[1:])
+    genes, counts = np.empty(offsets[-1], dtype=np.int32), np.empty(offsets[-1], dtype=np.float32)
+    for b, (u, lo, hi, out) in enumerate(zip(unit.tolist(), starts.tolist(), stops.tolist(), offsets.tolist())):
+        block = blocks[u]
+        genes[out:out + hi - lo] = block.gene_idx[lo:hi]
+        counts[out:out + hi - lo] = block.counts[lo:hi]
+    return offsets, genes, counts, dataset_idx, library
 
 
 class _MicroBatchDataset(IterableDataset):
@@ -447,19 +543,14 @@ class _MicroBatchDataset(IterableDataset):
         self.info, self.cfg, self.units = info, cfg, units
         self.streams, self.num_streams, self.epoch = list(streams), num_streams, epoch
         self.start = start_microbatch
-        self.log_weight = log_weight
+        self.transform = InputTransform(info.n_genes, cfg.n_input_genes, cfg.library_size, cfg.sampling,
+                                        log_weight)
         self.panel_mask = info.panel_mask.numpy()
         self.per_stream = (int(units.rows.sum()) // num_streams) // cfg.micro_batch
         self.total = self.per_stream * len(self.streams)
 
     def __len__(self) -> int:
         return self.total - self.start
-
-    def _scratch(self, size: int) -> np.ndarray:
-        """A zeroed float32 [size] buffer reused across batches (callers restore the zeros they overwrite)."""
-        if getattr(self, "_scratch_buffer", None) is None or self._scratch_buffer.size < size:
-            self._scratch_buffer = np.zeros(size, dtype=np.float32)
-        return self._scratch_buffer[:size]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker = get_worker_info()
@@ -468,7 +559,7 @@ class _MicroBatchDataset(IterableDataset):
         orders = {s: _StreamOrder(pieces[s], self.cfg.shuffle_buffer_row_groups, self.cfg.seed, self.epoch, s)
                   for s in self.streams}
         capacity = len(self.streams) * (self.cfg.shuffle_buffer_row_groups + 1) + 1
-        reader = _RowGroupReader(self.units.files, self.info, capacity)
+        reader = _RowGroupReader(self.units.files, self.info, capacity, self.cfg.cache_dir(self.info.path))
         for position in range(self.start + worker_id, self.total, n_workers):
             stream = self.streams[position % len(self.streams)]
             yield self.build(reader, orders[stream], stream, position // len(self.streams))
@@ -478,83 +569,54 @@ class _MicroBatchDataset(IterableDataset):
         """Micro-batch ``index`` of ``stream`` as a dict of tensors (shapes in the module docstring)."""
         cfg, n_genes = self.cfg, self.info.n_genes
         unit, row = order.rows(index * cfg.micro_batch, (index + 1) * cfg.micro_batch)
-        sample, gene, count, dataset_idx, library = _gather_entries(reader, self.units, unit, row)
-        in_panel = self.panel_mask[dataset_idx[sample], gene]
-        if not in_panel.all():
-            bad = unit[sample[np.argmin(in_panel)]]
-            raise ValueError(f"{self.units.files[self.units.file[bad]]}: row group {self.units.row_group[bad]}: "
-                             "gene_idx outside the sample's dataset panel")
-        # L / library per sample (an all-zero sample has no entries, so its guard value is never used).
-        scale = (cfg.library_size / np.where(library > 0, library, 1.0)).astype(np.float32)
-        expression = np.log1p(count * scale[sample])  # float32 [nnz], log1p-normalised
-        rng = np.random.default_rng([cfg.seed, self.epoch, stream, index, _SALT_GENES])
-        gene_idx, pad_mask = _sample_input_genes(rng, dataset_idx, self.info.panels, self.log_weight,
-                                                 cfg.n_input_genes)
-        # Input values: scatter the entries into a reused flat [B·G] scratch row, gather the K inputs, and
-        # zero just those entries again — O(nnz + B·K) per batch, no [B, G] allocation or zero-fill.
-        flat = sample * n_genes + gene
-        scratch = self._scratch(unit.size * n_genes)
-        scratch[flat] = expression
-        values = scratch[np.arange(unit.size)[:, None] * n_genes + gene_idx]
-        scratch[flat] = 0.0
-        values[pad_mask] = 0.0
-        batch = {
-            "gene_idx": torch.from_numpy(gene_idx),
-            "values": torch.from_numpy(values),
-            "pad_mask": torch.from_numpy(pad_mask),
-        }
+        offsets, gene, count, dataset_idx, library = _gather_entries(reader, self.units, unit, row)
+        keys = sample_keys((cfg.seed, self.epoch, stream, index, _SALT_GENES), np.arange(unit.size))
+        built = self.transform(offsets, gene, count, library, dataset_idx, self.info.panels, keys)
+        batch = {name: torch.from_numpy(built[name]) for name in ("gene_idx", "values", "pad_mask")}
         if cfg.target_format == "dense":
             target = np.zeros((unit.size, n_genes), dtype=np.float32)
-            np.put(target, flat, expression)
+            flat = np.repeat(np.arange(unit.size, dtype=np.int64) * n_genes, np.diff(offsets)) + gene
+            target.ravel()[flat] = built["target_value"]
             batch["target"] = torch.from_numpy(target)
             batch["target_mask"] = torch.from_numpy(self.panel_mask[dataset_idx])
         else:
-            by_sample = np.argsort(sample, kind="stable")  # entries grouped per sample (_gather_entries: per unit)
-            batch.update(_sparse_target(sample[by_sample], gene[by_sample], expression[by_sample], unit.size))
+            batch.update({name: torch.from_numpy(built[name])
+                          for name in ("target_offsets", "target_gene", "target_value")})
         batch["dataset_idx"] = torch.from_numpy(dataset_idx)
         batch["library_size"] = torch.from_numpy(library.astype(np.float32))
         return batch
 
 
-def _sparse_target(sample: np.ndarray, gene: np.ndarray, expression: np.ndarray, n_samples: int
-                   ) -> dict[str, torch.Tensor]:
-    """Padded per-sample target entries: ``target_gene`` int32 [B, M], ``target_value`` float32 [B, M].
-
-    ``sample`` must be non-decreasing. M = the batch's largest non-zero count, rounded up to a multiple of
-    :data:`SPARSE_TARGET_ALIGN` (fewer distinct shapes for the caching allocators). Padding is gene 0 with
-    value 0: :func:`densify_target` *adds* entries into zeros, so padding changes nothing.
-    """
-    nnz = np.bincount(sample, minlength=n_samples)
-    width = max(SPARSE_TARGET_ALIGN, -(-int(nnz.max(initial=0)) // SPARSE_TARGET_ALIGN) * SPARSE_TARGET_ALIGN)
-    slot = np.arange(sample.size) - np.repeat(np.cumsum(nnz) - nnz, nnz)  # rank of the entry within its sample
-    target_gene = np.zeros((n_samples, width), dtype=np.int32)
-    target_value = np.zeros((n_samples, width), dtype=np.float32)
-    target_gene[sample, slot] = gene
-    target_value[sample, slot] = expression
-    return {"target_gene": torch.from_numpy(target_gene), "target_value": torch.from_numpy(target_value)}
+#: Batch keys of the two target formats (what :func:`densify_target` consumes).
+TARGET_KEYS = ("target", "target_mask", "target_offsets", "target_gene", "target_value")
 
 
 def densify_target(batch: dict[str, torch.Tensor], panel_mask: torch.Tensor,
                    device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense ``(target float32 [B, G], target_mask bool [B, G])`` of a batch, built on ``device``.
 
-    Works for both target formats: a dense batch's tensors are moved as they are; a sparse one's padded
-    entries (``target_gene`` / ``target_value`` [B, M]) are scattered into zeros on the device, and the mask
-    is ``panel_mask[dataset_idx]`` (``panel_mask`` bool [D, G], e.g. ``CorpusInfo.panel_mask``; pass it
-    already on ``device`` to avoid a copy per call). No host–device synchronisation.
+    Works for both target formats: a dense batch's tensors are moved as they are; a sparse one's flat
+    entries (``target_offsets`` [B+1], ``target_gene`` / ``target_value`` [nnz]) are scattered into zeros
+    on the device, and the mask is ``panel_mask[dataset_idx]`` (``panel_mask`` bool [D, G], e.g.
+    ``CorpusInfo.panel_mask``; pass it already on ``device`` to avoid a copy per call). No host–device
+    synchronisation: the entries' rows come from ``repeat_interleave`` with a known output size.
     """
     device = torch.device(device) if device is not None else batch["gene_idx"].device
     if "target" in batch:
         return (batch["target"].to(device, non_blocking=True),
                 batch["target_mask"].to(device, non_blocking=True))
-    genes = batch["target_gene"].to(device, non_blocking=True).long()
+    n_genes = panel_mask.shape[1]
+    offsets = batch["target_offsets"].to(device, non_blocking=True)
+    genes = batch["target_gene"].to(device, non_blocking=True)
     entries = batch["target_value"].to(device, non_blocking=True)
-    target = torch.zeros(genes.shape[0], panel_mask.shape[1], dtype=entries.dtype, device=device)
-    # scatter_add (not scatter_): padding repeats gene 0, and adding an exact 0.0 is order-independent, so
-    # the result is exact and deterministic even with CUDA atomics.
-    target.scatter_add_(1, genes, entries)
+    n_samples = offsets.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(n_samples, device=device), offsets.diff(),
+                                   output_size=genes.numel())
+    target = torch.zeros(n_samples * n_genes, dtype=entries.dtype, device=device)
+    # (row, gene) pairs are unique (gene_idx is unique per sample), so the scatter is exact and deterministic.
+    target.index_copy_(0, rows * n_genes + genes.long(), entries)
     dataset_idx = batch["dataset_idx"].to(device, non_blocking=True)
-    return target, panel_mask.to(device, non_blocking=True)[dataset_idx]
+    return target.view(n_samples, n_genes), panel_mask.to(device, non_blocking=True)[dataset_idx]
 
 
 def _worker_init(worker_id: int) -> None:
@@ -596,10 +658,7 @@ def make_loader(corpus: str | Path | CorpusInfo, cfg: LoaderConfig, streams: lis
     if (int(units.rows.sum()) // num_streams) // cfg.micro_batch == 0:
         raise ValueError(f"{info.path}: split {cfg.split!r} has {int(units.rows.sum())} samples, fewer than "
                          f"num_streams × micro_batch = {num_streams * cfg.micro_batch}")
-    log_weight = None
-    if cfg.sampling == "frequency":
-        with np.errstate(divide="ignore"):  # genes never detected get weight 0 (log −inf)
-            log_weight = np.log(info.gene_frequency) / cfg.temperature
+    log_weight = frequency_log_weight(info.gene_frequency, cfg.temperature) if cfg.sampling == "frequency" else None
     dataset = _MicroBatchDataset(info, cfg, units, streams, num_streams, epoch, start_microbatch, log_weight)
     if not 0 <= start_microbatch <= dataset.total:
         raise ValueError(f"start_microbatch must be in [0, {dataset.total}], got {start_microbatch}")

@@ -44,7 +44,7 @@ from curation.io import atomic_path
 from curation.schema import list_shards
 from txfm.checkpoint import training_data_summary
 from txfm.config import TrainConfig, resume_mismatches, save_config
-from txfm.data import (CorpusInfo, LoaderConfig, as_corpus_info, densify_target, make_loader,
+from txfm.data import (TARGET_KEYS, CorpusInfo, LoaderConfig, as_corpus_info, densify_target, make_loader,
                        microbatches_per_stream)
 from txfm.losses import activation_logits_for, expression_loss
 from txfm.model import TxFM, TxFMConfig, param_groups
@@ -204,7 +204,7 @@ def prepare_batch(batch: dict[str, Tensor], device: torch.device, panel_mask: Te
     has_padding = bool(batch["pad_mask"].any()) if attention_fast_path else True
     target, target_mask = densify_target(batch, panel_mask, device)
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items()
-           if k not in ("target", "target_mask", "target_gene", "target_value")}
+           if k not in TARGET_KEYS}
     out["target"], out["target_mask"] = target, target_mask
     if not has_padding:
         out["pad_mask"] = None
@@ -504,10 +504,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, stop_at_step: int |
     accum = gradient_accumulation(cfg.global_batch, cfg.micro_batch, ctx.world_size)
     num_streams = ctx.world_size * accum
     streams = [ctx.rank + a * ctx.world_size for a in range(accum)]
-    loader_cfg = LoaderConfig(split="train", micro_batch=cfg.micro_batch, n_input_genes=cfg.n_input_genes,
-                              library_size=cfg.library_size, sampling=cfg.sampling, temperature=cfg.temperature,
-                              num_workers=cfg.num_workers, seed=cfg.seed,
-                              target_format="sparse" if cfg.sparse_target else "dense")
+    loader_cfg = LoaderConfig.from_settings(cfg, split="train", target_format="sparse" if cfg.sparse_target else "dense")
     val_cfg = dataclasses.replace(loader_cfg, split="val")
     if cfg.num_workers > 1 and accum % cfg.num_workers and ctx.is_main:
         warnings.warn(f"num_workers={cfg.num_workers} does not divide the {accum} loader streams per process: "
