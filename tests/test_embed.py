@@ -17,7 +17,7 @@ from curation.io import CurationError
 from txfm import embed as embed_module
 from txfm import export as export_module
 from txfm.checkpoint import load_model, save_model
-from txfm.embed import OBSM_KEY, embed_anndata, map_to_vocabulary, select_input_positions, write_embedding
+from txfm.embed import OBSM_KEY, embed_anndata, map_to_vocabulary, model_inputs, write_embedding
 from txfm.export import export_gene_weights
 from txfm.model import TxFM, TxFMConfig
 
@@ -113,11 +113,14 @@ def test_input_gene_sampling_is_per_cell_and_independent_of_batching(checkpoint,
     np.testing.assert_allclose(batched, whole, rtol=1e-5, atol=1e-6)
     reseeded, _ = embed_anndata(checkpoint, symbols_h5ad, seed=1, progress=False)
     assert not np.allclose(reseeded, whole)
-    positions = select_input_positions(np.arange(50), n_inputs=30, k=K, seed=0)
-    assert positions.shape == (50, K)
-    assert all(len(set(row)) == K and max(row) < 30 for row in positions.tolist())
-    assert len({tuple(row) for row in positions.tolist()}) > 40  # cells get different subsets
-    np.testing.assert_array_equal(select_input_positions(np.arange(10, 20), 30, K, 0), positions[10:20])
+    counts = sp.csr_matrix(np.random.default_rng(0).poisson(2.0, (50, 30)).astype(np.float64))
+    genes = np.arange(100, 130)
+    tokens = model_inputs(counts, genes, np.arange(50), k=K, library_size=1e4, seed=0)["gene_idx"].numpy()
+    assert tokens.shape == (50, K)
+    assert all(len(set(row)) == K and set(row) <= set(genes.tolist()) for row in tokens.tolist())
+    assert len({tuple(sorted(row)) for row in tokens.tolist()}) > 40  # cells get different subsets
+    again = model_inputs(counts[10:20], genes, np.arange(10, 20), k=K, library_size=1e4, seed=0)["gene_idx"]
+    np.testing.assert_array_equal(again.numpy(), tokens[10:20])
 
 
 def test_in_memory_anndata_and_gene_column(checkpoint, symbols_h5ad, vocabulary) -> None:

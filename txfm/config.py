@@ -17,10 +17,17 @@ from typing import Any
 
 import yaml
 
-PRESET_NAMES = ("tiny", "S", "B", "L")
-LOSSES = ("poisson", "mse", "smooth_l1", "negative_binomial")
-ACTIVATION_NAMES = ("rectified_tanh", "relu", "clamped_relu", "softmax")
-SAMPLINGS = ("uniform", "frequency")
+# The allowed values live with their owners (model presets, losses and activations, the input transform);
+# the config only names them.
+from txfm.data import DECODE_CACHE_AUTO
+from txfm.losses import ACTIVATIONS, LOSS_KINDS
+from txfm.model import PRESETS
+from txfm.transform import LIBRARY_SIZE, N_INPUT_GENES, SAMPLING_KINDS
+
+PRESET_NAMES = tuple(PRESETS)
+LOSSES = LOSS_KINDS
+ACTIVATION_NAMES = tuple(ACTIVATIONS)
+SAMPLINGS = SAMPLING_KINDS
 PRECISIONS = ("auto", "bf16", "fp32")
 
 #: Keys that define what is trained and how; changing one of them makes ``--resume`` refuse to continue, because
@@ -58,10 +65,10 @@ class TrainConfig:
     drop_path: float | None = _key(None, "override: stochastic depth rate (null = preset's)")
     # objective and input sampling
     loss: str = _key("poisson", f"expression loss, one of {', '.join(LOSSES)}")
-    n_input_genes: int = _key(2048, "K, input genes sampled per sample from its dataset panel")
+    n_input_genes: int = _key(N_INPUT_GENES, "K, input genes sampled per sample from its dataset panel")
     sampling: str = _key("uniform", f"input gene sampling, one of {', '.join(SAMPLINGS)}")
     temperature: float = _key(1.0, "tau for frequency sampling, p ~ freq^(1/tau)")
-    library_size: float = _key(1e5, "L, counts are normalised to log1p(count / total * L)")
+    library_size: float = _key(LIBRARY_SIZE, "L, counts are normalised to log1p(count / total * L)")
     # batch and schedule
     global_batch: int = _key(1536, "samples per optimizer step, over all processes and accumulation steps")
     micro_batch: int = _key(32, "samples per forward pass per process; accum = global_batch/(micro_batch*world)")
@@ -87,6 +94,8 @@ class TrainConfig:
     num_threads: int = _key(0, "torch intra-op CPU threads; 0 = torch's default")
     device: str = _key("auto", "auto (CUDA if available) | cpu | cuda | cuda:N")
     num_workers: int = _key(0, "loader worker processes per training process")
+    decode_cache: str = _key(DECODE_CACHE_AUTO, "decoded row-group cache (memory-mapped Arrow IPC): auto = <corpus>/.decoded, "
+                                     "none = decode Parquet each epoch, or a directory")
     seed: int = _key(0, "seed of model initialisation, data order and gene sampling")
     # logging, validation and checkpoints
     log_every: int = _key(10, "steps between metrics.jsonl records (the only host syncs of the loss)")

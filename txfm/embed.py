@@ -6,11 +6,13 @@ Steps, mirroring training (``txfm.data``):
    checkpoint vocabulary (its ``genes.parquet``). ``curation.genes.GeneTable`` resolves symbols, previous
    symbols and aliases to Ensembl IDs; features it cannot place are matched directly against the vocabulary's
    own IDs and symbols. Several features on one gene are summed.
-2. Normalise each cell over the mapped genes: ``log1p(count / library_size · L)`` with L from the model config.
-3. Input genes = the mapped genes (zeros included, like a dataset panel). A cell with more than K of them gets
-   K drawn without replacement by a hash of (seed, cell index, gene) — deterministic per cell, independent of
+2. Build the model input with the training transform, :class:`txfm.transform.InputTransform` (the one
+   owner of it): ``log1p(count / library_size · L)`` over the mapped genes with L from the model config;
+   input genes = the mapped genes (zeros included, like a dataset panel), K of them drawn without
+   replacement with the checkpoint's ``sampling`` / ``temperature`` (frequency sampling uses the detection
+   frequencies saved with the model), keyed by (seed, cell index) — deterministic per cell, independent of
    the batch size; fewer than K are padded.
-4. Stream the matrix in row batches (backed h5ad: memory does not grow with the number of cells).
+3. Stream the matrix in row batches (backed h5ad: memory does not grow with the number of cells).
 """
 
 from __future__ import annotations
@@ -30,10 +32,14 @@ from tqdm.auto import tqdm
 
 from curation.io import CurationError, atomic_path
 from txfm.checkpoint import load_model, read_model_config, resolve_checkpoint
+from txfm.transform import N_INPUT_GENES, InputTransform, frequency_log_weight, sample_keys
 
 OBSM_KEY = "X_txfm"
-#: K when neither the caller nor the checkpoint's ``extra`` gives one (the loader's default).
-DEFAULT_N_INPUT_GENES = 2048
+#: K when neither the caller nor the checkpoint's ``extra`` gives one (the training default).
+DEFAULT_N_INPUT_GENES = N_INPUT_GENES
+#: Column of the model's genes.parquet with each gene's detection frequency (saved for frequency sampling).
+FREQUENCY_COLUMN = "detection_frequency"
+_SALT_EMBED = 0xE3BD
 N_UNMAPPED_EXAMPLES = 20
 _ENSEMBL_VERSION_RE = r"^(ENS[A-Z]*G\d+)(?:\.\d+)?(?:_PAR_Y)?$"
 
@@ -49,6 +55,24 @@ def default_n_input_genes(extra: dict[str, Any]) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return DEFAULT_N_INPUT_GENES
+
+
+def input_sampling(extra: dict[str, Any], vocabulary: pd.DataFrame, where: str) -> tuple[str, np.ndarray | None]:
+    """The checkpoint's input-gene sampling: ``(kind, log_weight float64 [G] or None)`` from its train config.
+
+    Frequency sampling needs the vocabulary's :data:`FREQUENCY_COLUMN` (training saves it); a checkpoint
+    without a train config samples uniformly, as training does by default.
+    """
+    train = extra.get("train_config") or {}
+    sampling = train.get("sampling", "uniform")
+    if sampling == "uniform":
+        return sampling, None
+    if sampling != "frequency":
+        raise ValueError(f"{where}: unknown input sampling {sampling!r} in the checkpoint's train config")
+    if FREQUENCY_COLUMN not in vocabulary.columns:
+        raise ValueError(f"{where}: checkpoint was trained with frequency sampling but its genes.parquet has no "
+                         f"{FREQUENCY_COLUMN} column")
+    return sampling, frequency_log_weight(vocabulary[FREQUENCY_COLUMN].to_numpy(), float(train.get("temperature", 1.0)))
 
 
 def _direct_vocabulary_match(features: pd.Series, vocabulary: pd.DataFrame) -> np.ndarray:
@@ -123,26 +147,9 @@ def feature_summing_matrix(vocab_idx: np.ndarray) -> tuple[sp.csr_matrix, np.nda
     return matrix, input_genes
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser, elementwise on uint64 (wrapping arithmetic): a fast, well-mixed integer hash."""
-    x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(0xFFFFFFFFFFFFFFFF)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def select_input_positions(cell_index: np.ndarray, n_inputs: int, k: int, seed: int) -> np.ndarray:
-    """For each cell, K of ``n_inputs`` column positions without replacement, sorted. [B] → [B, K] int64
-
-    Each (seed, cell, column) gets a hash key and the K smallest keys win, so the choice for a cell depends
-    only on (seed, global cell index) — not on batching.
-    """
-    with np.errstate(over="ignore"):
-        seed_key = np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * np.uint64(0x100000001B3)
-        cell_key = _splitmix64(seed_key + cell_index.astype(np.uint64))
-        keys = _splitmix64(cell_key[:, None] ^ np.arange(n_inputs, dtype=np.uint64)[None, :])
-    chosen = np.argpartition(keys, k - 1, axis=1)[:, :k]
-    return np.sort(chosen, axis=1)
+def cell_keys(cell_index: np.ndarray, seed: int) -> np.ndarray:
+    """Sampling keys of cells by global index (uint64 [n]): a cell's input genes depend only on (seed, index)."""
+    return sample_keys((seed, _SALT_EMBED), cell_index)
 
 
 def _check_counts(values: np.ndarray, label: str, rows: tuple[int, int], allow_normalised: bool) -> None:
@@ -165,29 +172,25 @@ def _as_csr(block: Any) -> sp.csr_matrix:
 
 
 def model_inputs(counts: sp.csr_matrix, input_genes: np.ndarray, cell_index: np.ndarray, k: int, library_size: float,
-                 seed: int) -> dict[str, torch.Tensor]:
-    """Tokens for one batch. counts: (B × n_inputs) summed counts on ``input_genes`` (vocabulary indices).
+                 seed: int, sampling: str = "uniform", log_weight: np.ndarray | None = None,
+                 keys: np.ndarray | None = None, transform: InputTransform | None = None) -> dict[str, torch.Tensor]:
+    """Tokens for one batch. counts: (B × n_inputs) summed counts on ``input_genes`` (sorted vocabulary indices).
 
-    Returns gene_idx int64 [B, K], values float32 [B, K] (log1p(count / library · L)), pad_mask bool [B, K].
+    Returns gene_idx int64 [B, K], values float32 [B, K] (log1p(count / library · L)), pad_mask bool [B, K],
+    built by :class:`txfm.transform.InputTransform` exactly as in training. ``keys`` (uint64 [B]) overrides
+    the per-cell keys :func:`cell_keys` ``(cell_index, seed)``; pass ``transform`` to reuse its buffers
+    across batches (its settings then win over ``k`` / ``library_size`` / ``sampling`` / ``log_weight``).
     """
-    dense = counts.toarray()
-    library = dense.sum(axis=1, keepdims=True)
-    scale = np.divide(library_size, library, out=np.zeros_like(library), where=library > 0)
-    normalised = np.log1p(dense * scale).astype(np.float32)
-    batch, n_inputs = dense.shape
-    if n_inputs > k:
-        positions = select_input_positions(cell_index, n_inputs, k, seed)
-        gene_idx = input_genes[positions]
-        values = np.take_along_axis(normalised, positions, axis=1)
-        pad_mask = np.zeros((batch, k), dtype=bool)
-    else:  # every mapped gene, then padding (index 0, value 0)
-        gene_idx = np.zeros((batch, k), dtype=np.int64)
-        values = np.zeros((batch, k), dtype=np.float32)
-        pad_mask = np.ones((batch, k), dtype=bool)
-        gene_idx[:, :n_inputs], values[:, :n_inputs], pad_mask[:, :n_inputs] = input_genes, normalised, False
-    return {"gene_idx": torch.from_numpy(np.ascontiguousarray(gene_idx, dtype=np.int64)),
-            "values": torch.from_numpy(np.ascontiguousarray(values)),
-            "pad_mask": torch.from_numpy(pad_mask)}
+    counts = sp.csr_matrix(counts)
+    counts.sort_indices()
+    if transform is None:
+        n_genes = len(log_weight) if log_weight is not None else int(input_genes[-1]) + 1
+        transform = InputTransform(n_genes, k, library_size, sampling, log_weight)
+    keys = cell_keys(np.asarray(cell_index), seed) if keys is None else keys
+    library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    built = transform(counts.indptr, input_genes[counts.indices], counts.data, library,
+                      np.zeros(counts.shape[0], dtype=np.int64), [np.asarray(input_genes, dtype=np.int64)], keys)
+    return {name: torch.from_numpy(built[name]) for name in ("gene_idx", "values", "pad_mask")}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,6 +240,8 @@ def embed_anndata(checkpoint_dir: str | os.PathLike, adata_or_path: Any, batch_s
     k = n_input_genes if n_input_genes is not None else default_n_input_genes(extra)
     if k < 1:
         raise ValueError(f"n_input_genes must be >= 1, got {k}")
+    sampling, log_weight = input_sampling(extra, vocabulary, str(model_dir))
+    transform = InputTransform(cfg.n_genes, k, cfg.library_size, sampling, log_weight)
 
     adata, label, opened_here = _open_anndata(adata_or_path)
     try:
@@ -259,7 +264,8 @@ def embed_anndata(checkpoint_dir: str | os.PathLike, adata_or_path: Any, batch_s
                 _check_counts(block.data, label, (start, stop), allow_normalised)
                 counts = sp.csr_matrix(block @ summing)
                 n_zero_library += int((np.asarray(counts.sum(axis=1)).ravel() == 0).sum())
-                batch = model_inputs(counts, input_genes, np.arange(start, stop), k, cfg.library_size, seed)
+                batch = model_inputs(counts, input_genes, np.arange(start, stop), k, cfg.library_size, seed,
+                                     transform=transform)
                 batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
                 embedding[start:stop] = model.embed(**batch).float().cpu().numpy()
     finally:
@@ -281,6 +287,7 @@ def embed_anndata(checkpoint_dir: str | os.PathLike, adata_or_path: Any, batch_s
         "n_vocabulary": int(cfg.n_genes),
         "vocabulary_coverage": float(len(input_genes) / cfg.n_genes),
         "n_input_genes": int(k),
+        "sampling": sampling,
         "padded": bool(len(input_genes) < k),
         "n_zero_library_cells": int(n_zero_library),
         "embedding_dim": int(cfg.dim),

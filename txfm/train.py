@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -653,7 +654,7 @@ def _save(run_dir: Path, step: int, epoch: int, steps_per_epoch: int, accum: int
                  "train_config": cfg.to_dict()}
         validated = [r for r in read_metrics(run_dir / METRICS_FILE) if r.get("val_loss") is not None] \
             if (run_dir / METRICS_FILE).exists() else []
-        path = save_checkpoint(run_dir, step, model, model_cfg, info.genes, state,
+        path = save_checkpoint(run_dir, step, model, model_cfg, model_genes(cfg, info), state,
                                extra={"train_config": cfg.to_dict(), "step": step, "epoch": epoch,
                                       "n_input_genes": cfg.n_input_genes, "library_size": cfg.library_size,
                                       "training_data": training_data_summary(info.path, info.datasets),
@@ -661,6 +662,16 @@ def _save(run_dir: Path, step: int, epoch: int, steps_per_epoch: int, accum: int
                                keep=cfg.keep_checkpoints)
     ctx.barrier()
     return path
+
+
+def model_genes(cfg: TrainConfig, info: CorpusInfo) -> pd.DataFrame:
+    """The vocabulary saved with a model; with frequency sampling plus the detection frequencies that
+    ``txfm embed`` needs to sample input genes as training did (``txfm.embed.FREQUENCY_COLUMN``)."""
+    if cfg.sampling != "frequency":
+        return info.genes
+    from txfm.embed import FREQUENCY_COLUMN
+
+    return info.genes.assign(**{FREQUENCY_COLUMN: info.gene_frequency})
 
 
 def _restore(checkpoint: Path, cfg: TrainConfig, ctx: DistContext, model: TxFM, optimizer: torch.optim.Optimizer,
