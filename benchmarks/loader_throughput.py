@@ -1,164 +1,399 @@
-"""Throughput of the txfm.data loader against a naive AnnData baseline, measured in the same run.
+"""Loader CPU cost per sample: txfm.data against the naive AnnData loader, scdataset and annbatch, in one run.
 
-    .venv/bin/python benchmarks/loader_throughput.py [--samples 20000 --genes 8000 --workers 0 2 ...]
+    .venv/bin/python benchmarks/loader_throughput.py [--samples 16000 --genes 20000 --k 2048 --micro-batch 32]
 
-Both paths produce the same training micro-batches from the same simulated train split: K input genes drawn
-from the sample's dataset panel, their log1p(count / library · L) values, the dense [B, G] target and its
-mask. The baseline is what one writes first: read the data as an ``.h5ad``, densify one row at a time,
-normalise it, draw its genes with ``rng.choice``, build its target, stack. Ours streams Parquet row groups
-and does everything vectorised per micro-batch (txfm.data).
+Every side reads one full epoch of the train split of the same simulated corpus (ALL its datasets) and
+turns it into the same training micro-batches with the SAME micro-batch builder,
+:class:`txfm.transform.InputTransform` (library-size normalisation, log1p, K-gene sampling, input values
+and flat sparse-target entries) — the sides differ only in how they get the samples' rows:
 
-Reported per method: wall-clock samples/s, samples/s per core (wall rate / processes doing the work) and
-samples per CPU-second (user+sys of this process and its workers; the fairest "per core" figure on a shared
-machine), and the ratio of samples per CPU-second to the baseline's. Each measurement is repeated
-``--repeats`` times and the fastest kept (shared machines are noisy). The baseline is charged its share of
-the one-off ``read_h5ad`` (read seconds × processed / total samples), as ours is charged its Parquet reads.
+* ``txfm.data`` — ours: shuffled Parquet row groups, decoded once into the memory-mapped Arrow IPC decode
+  cache (its one-off build is reported on its own line, as the h5ad and zarr conversions of the peers are
+  not charged either); ``txfm.data, Parquet decode`` is the same loader decoding Parquet every epoch.
+* ``naive AnnData`` — ``anndata.read_h5ad`` into memory, a map-style torch Dataset returning ``X[i]``,
+  a shuffled ``DataLoader`` whose collate stacks the rows (``scipy.sparse.vstack``).
+* ``scdataset`` (PyPI, installed with ``pip --target`` into the work directory) — ``scDataset`` with its
+  BlockShuffling strategy (block 8, fetch factor 16) over the AnnData's X, in memory and backed (on disk).
+* ``annbatch`` (PyPI, needs Python ≥ 3.12: a separate venv from a ``python3.12`` found on the machine) —
+  a pre-shuffled zarr ``DatasetCollection`` and ``annbatch.Loader`` (chunk 64, 32 chunks preloaded).
+
+Each side runs in its own child process after its imports; its cost is the child's CPU time
+(``resource.getrusage``: user and system, as ``time.process_time`` counts them) from opening the data to
+the end of the epoch, divided by the samples yielded — µs/sample in user, system and total — and the ratio
+of each side's µs/sample to ours (> 1: ours is cheaper), on the total and on user time alone. System time
+is mostly page faults of data being brought into memory (a peer reading the whole h5ad into RAM pays it
+there). Wall time is printed beside it. A peer that cannot be installed is listed with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
-import pandas as pd
-import pyarrow.dataset as pads
-import scipy.sparse as sp
-import torch
-from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from curation import schema  # noqa: E402
-from curation.io import atomic_path  # noqa: E402
-from txfm.data import CorpusInfo, LoaderConfig, make_loader  # noqa: E402
-from simulation.corpus import write_synthetic_corpus  # noqa: E402
+from txfm.transform import InputTransform, sample_keys  # noqa: E402  (numpy only: every environment has it)
+
+SIDES = ("txfm", "txfm_parquet", "naive", "scdataset_memory", "scdataset_backed", "annbatch")
+LABELS = {"txfm": "txfm.data (decode cache)", "txfm_parquet": "txfm.data, Parquet decode",
+          "naive": "naive AnnData", "scdataset_memory": "scdataset, in memory",
+          "scdataset_backed": "scdataset, backed h5ad", "annbatch": "annbatch (zarr)"}
+PEERS = ("naive", "scdataset_memory", "scdataset_backed", "annbatch")
+_SALT = 0xBE7C
 
 
-def cpu_seconds() -> float:
-    """User+sys CPU time of this process plus its finished (joined) children, in seconds."""
+def user_cpu() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process and its finished children."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_utime + children.ru_utime, own.ru_stime + children.ru_stime
 
 
-def write_h5ad(corpus: Path, path: Path, info: CorpusInfo) -> None:
-    """The train split as an AnnData: CSR counts [n, G] and obs['dataset_idx'], streamed by record batch."""
-    indptr, indices, data, datasets = [np.zeros(1, dtype=np.int64)], [], [], []
-    scanner = pads.dataset(corpus / schema.SHARDS_DIR, partitioning="hive").scanner(
-        columns=["dataset", "gene_idx", "counts"], filter=pads.field("split") == "train")
+# ------------------------------------------------------------------------------------------ shared builder
+class Builder:
+    """The micro-batch builder every peer uses: CSR rows (+ dataset index, library size) → training batch.
+
+    It is the transform our loader calls (:class:`txfm.transform.InputTransform`, same settings, same
+    per-sample keys by batch number), so every side does identical work per batch after fetching rows.
+    """
+
+    def __init__(self, panels: list[np.ndarray], n_genes: int, k: int, library_size: float, seed: int = 0):
+        self.panels, self.seed = panels, seed
+        self.transform = InputTransform(n_genes, k, library_size)
+        self.index = 0
+
+    def __call__(self, csr, dataset_idx: np.ndarray, library: np.ndarray) -> dict[str, np.ndarray]:
+        keys = sample_keys((self.seed, self.index, _SALT), np.arange(csr.shape[0]))
+        self.index += 1
+        batch = self.transform(csr.indptr, csr.indices, csr.data, library, dataset_idx, self.panels, keys)
+        batch["dataset_idx"], batch["library_size"] = dataset_idx, library.astype(np.float32)
+        return batch
+
+
+def corpus_panels(corpus: Path) -> tuple[list[np.ndarray], int, list[str]]:
+    """(panels, G, dataset names) from genes.parquet / datasets.parquet, with pyarrow only."""
+    import pyarrow.parquet as pq
+
+    datasets = pq.read_table(corpus / "datasets.parquet").to_pydict()
+    n_genes = pq.read_metadata(corpus / "genes.parquet").num_rows
+    return [np.asarray(p, dtype=np.int64) for p in datasets["measured_gene_idx"]], n_genes, datasets["dataset"]
+
+
+# ----------------------------------------------------------------------------------------------- the sides
+def run_txfm(args, cache: str) -> dict:
+    import torch
+
+    from txfm.data import CorpusInfo, LoaderConfig, make_loader
+
+    torch.set_num_threads(1)
+    info = CorpusInfo.open(args.corpus)
+    cfg = LoaderConfig(micro_batch=args.micro_batch, n_input_genes=args.k, target_format="sparse",
+                       decode_cache=cache, pin_memory=False)
+    return consume(lambda: make_loader(info, cfg, [0], 1, epoch=0), lambda batch: batch)
+
+
+def run_naive(args) -> dict:
+    import anndata as ad
+    import scipy.sparse as sp
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    torch.set_num_threads(1)
+    panels, n_genes, _ = corpus_panels(args.corpus)
+    builder = Builder(panels, n_genes, args.k, 1e5)
+
+    class Rows(Dataset):
+        def __init__(self, adata):
+            self.x = adata.X
+            self.dataset_idx = adata.obs["dataset_idx"].to_numpy()
+            self.library = adata.obs["library_size"].to_numpy()
+
+        def __len__(self):
+            return self.x.shape[0]
+
+        def __getitem__(self, i):
+            return self.x[i], self.dataset_idx[i], self.library[i]
+
+    def collate(rows):
+        x, d, lib = zip(*rows)
+        return sp.vstack(x, format="csr"), np.asarray(d, dtype=np.int64), np.asarray(lib, dtype=np.float64)
+
+    def batches():
+        adata = ad.read_h5ad(args.h5ad)
+        return DataLoader(Rows(adata), batch_size=args.micro_batch, shuffle=True, drop_last=True,
+                          collate_fn=collate, generator=torch.Generator().manual_seed(0))
+
+    return consume(batches, lambda batch: builder(*batch))
+
+
+def run_scdataset(args, backed: bool) -> dict:
+    import anndata as ad
+    import torch
+
+    sys.path.insert(0, str(args.peers / "scdataset"))
+    from scdataset import BlockShuffling, scDataset
+
+    torch.set_num_threads(1)
+    panels, n_genes, _ = corpus_panels(args.corpus)
+    builder = Builder(panels, n_genes, args.k, 1e5)
+
+    def batches():
+        adata = ad.read_h5ad(args.h5ad, backed="r" if backed else None)
+        dataset_idx = adata.obs["dataset_idx"].to_numpy()
+        library = adata.obs["library_size"].to_numpy()
+
+        def fetch(collection, idx):  # scdataset sorts the fetch's indices; one read of fetch_factor batches
+            return collection.X[idx], dataset_idx[idx], library[idx]
+
+        def take(fetched, positions):
+            x, d, lib = fetched
+            return x[positions], d[positions], lib[positions]
+
+        return scDataset(adata, BlockShuffling(block_size=8), batch_size=args.micro_batch, fetch_factor=16,
+                         drop_last=True, fetch_callback=fetch, batch_callback=take, seed=0)
+
+    return consume(batches, lambda batch: builder(*batch))
+
+
+def run_annbatch(args) -> dict:
+    from annbatch import DatasetCollection, Loader
+
+    panels, n_genes, _ = corpus_panels(args.corpus)
+    builder = Builder(panels, n_genes, args.k, 1e5)
+
+    def batches():
+        collection = DatasetCollection(args.zarr, mode="r")
+        return Loader(batch_size=args.micro_batch, chunk_size=64, preload_nchunks=32, shuffle=True,
+                      drop_last=True, preload_to_gpu=False, rng=np.random.default_rng(0)).use_collection(collection)
+
+    def build(out):
+        obs = out["obs"]
+        return builder(out["X"], obs["dataset_idx"].to_numpy().astype(np.int64),
+                       obs["library_size"].to_numpy().astype(np.float64))
+
+    return consume(batches, build)
+
+
+def consume(make_batches, build) -> dict:
+    """One epoch: open the data (``make_batches()``), build every batch. → samples and CPU/wall seconds."""
+    user, system = user_cpu()
+    wall, n = time.perf_counter(), 0
+    for raw in make_batches():
+        n += len(build(raw)["gene_idx"])
+    user_end, system_end = user_cpu()
+    return {"samples": n, "user_s": user_end - user, "sys_s": system_end - system,
+            "wall_s": time.perf_counter() - wall}
+
+
+def decode_cost(args) -> dict:
+    """Decode µs/sample of every train row group: Parquet (read + checks) vs the memory-mapped cache.
+
+    Both read every entry once (a sum over gene_idx and counts), so the lazy mmap pays its page faults.
+    """
+    from txfm.data import CorpusInfo, LoaderConfig, _list_units, _RowGroupReader
+
+    info = CorpusInfo.open(args.corpus)
+    units = _list_units(info.path, "train")
+    out = {}
+    for name, cache_dir in (("parquet", None), ("cache", LoaderConfig().cache_dir(info.path))):
+        reader = _RowGroupReader(units.files, info, capacity=1, cache_dir=cache_dir)
+        start = user_cpu()[0]
+        for f, rg in zip(units.file.tolist(), units.row_group.tolist()):
+            block = reader.get(f, rg)
+            block.gene_idx.sum(dtype=np.int64), block.counts.sum()
+        out[name] = (user_cpu()[0] - start) / units.rows.sum() * 1e6
+    return out
+
+
+# ------------------------------------------------------------------------------------------ preparation
+def write_h5ad(corpus: Path, path: Path) -> None:
+    """The train split as an AnnData: CSR counts [n, G], obs dataset_idx and library_size (record batches)."""
+    import anndata as ad
+    import pandas as pd
+    import pyarrow.dataset as pads
+    import scipy.sparse as sp
+
+    from curation.io import atomic_path
+
+    _, n_genes, names = corpus_panels(corpus)
+    index = {name: i for i, name in enumerate(names)}
+    indptr, indices, data, datasets, library = [np.zeros(1, dtype=np.int64)], [], [], [], []
+    scanner = pads.dataset(corpus / "shards", partitioning="hive").scanner(
+        columns=["dataset", "gene_idx", "counts", "library_size"], filter=pads.field("split") == "train")
     for batch in scanner.to_batches():
         genes, counts = batch.column("gene_idx"), batch.column("counts")
         offsets = genes.offsets.to_numpy().astype(np.int64)
         indptr.append(indptr[-1][-1] + offsets[1:] - offsets[0])
         indices.append(genes.values.to_numpy()[offsets[0]:offsets[-1]])
         data.append(counts.values.to_numpy()[offsets[0]:offsets[-1]])
-        datasets += [info.dataset_index[name] for name in batch.column("dataset").to_pylist()]
+        datasets += [index[name] for name in batch.column("dataset").to_pylist()]
+        library.append(batch.column("library_size").to_numpy())
     matrix = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), np.concatenate(indptr)),
-                           shape=(len(datasets), info.n_genes))
-    adata = ad.AnnData(X=matrix, obs=pd.DataFrame({"dataset_idx": datasets},
-                                                   index=[str(i) for i in range(len(datasets))]))
+                           shape=(len(datasets), n_genes))
+    obs = pd.DataFrame({"dataset_idx": datasets, "library_size": np.concatenate(library)},
+                       index=[str(i) for i in range(len(datasets))])
     with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
+        ad.AnnData(X=matrix, obs=obs).write_h5ad(tmp)
 
 
-def naive_batches(adata: ad.AnnData, info: CorpusInfo, n_samples: int, micro_batch: int, k: int,
-                  library_size: float, seed: int):
-    """Baseline: per-row densify, normalise, rng.choice genes, build target; stack per micro-batch."""
-    rng = np.random.default_rng(seed)
-    panels, panel_mask = info.panels, info.panel_mask.numpy()
-    dataset_idx = adata.obs["dataset_idx"].to_numpy()
-    for start in range(0, n_samples - micro_batch + 1, micro_batch):
-        rows = []
-        for i in range(start, start + micro_batch):
-            counts = adata.X[i].toarray().ravel()
-            d = dataset_idx[i]
-            library = counts.sum()
-            normalised = np.log1p(counts / library * library_size).astype(np.float32)
-            genes = np.zeros(k, dtype=np.int64)
-            pad = np.ones(k, dtype=bool)
-            if len(panels[d]) > k:
-                genes[:], pad[:] = rng.choice(panels[d], k, replace=False), False
-            else:
-                genes[:len(panels[d])], pad[:len(panels[d])] = panels[d], False
-            values = np.where(pad, 0.0, normalised[genes]).astype(np.float32)
-            target = np.where(panel_mask[d], normalised, 0.0).astype(np.float32)
-            rows.append((genes, values, pad, target, panel_mask[d], d, library))
-        yield {name: torch.from_numpy(np.stack(column)) for name, column in
-               zip(("gene_idx", "values", "pad_mask", "target", "target_mask", "dataset_idx", "library_size"),
-                   zip(*rows))}
+def find_python312() -> str | None:
+    """A Python ≥ 3.12 interpreter on this machine (annbatch's minimum), or None."""
+    candidates = [shutil.which(n) for n in ("python3.13", "python3.12")]
+    candidates += sorted(str(p) for p in Path("/root/.pyenv/versions").glob("3.1[2-9]*/bin/python"))
+    for exe in filter(None, candidates):
+        try:
+            out = subprocess.run([exe, "-c", "import sys; print(sys.version_info >= (3, 12))"],
+                                 capture_output=True, text=True, timeout=60)
+        except OSError:
+            continue
+        if out.stdout.strip() == "True":
+            return exe
+    return None
 
 
-def measure(make_batches, repeats: int, progress: bool) -> tuple[int, float, float]:
-    """Consume ``make_batches()`` ``repeats`` times. → (samples, wall seconds, CPU seconds) of the fastest run"""
-    runs = []
-    for _ in range(repeats):
-        wall, cpu, n = time.perf_counter(), cpu_seconds(), 0
-        for batch in tqdm(make_batches(), desc="batches", disable=not progress, leave=False):
-            n += batch["gene_idx"].shape[0]
-        runs.append((n, time.perf_counter() - wall, cpu_seconds() - cpu))
-    return min(runs, key=lambda run: run[2])
+def prepare_peers(peers: Path) -> dict[str, str]:
+    """Install the peers (pip, into ``peers``); → {side: python executable or 'unavailable: reason'}."""
+    python = {"naive": sys.executable, "txfm": sys.executable, "txfm_parquet": sys.executable}
+    peers.mkdir(parents=True, exist_ok=True)
+    target = peers / "scdataset"
+    if not (target / "scdataset").is_dir():
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                               "scdataset"], capture_output=True, text=True)
+        if done.returncode:
+            python["scdataset_memory"] = python["scdataset_backed"] = \
+                f"unavailable: pip install scdataset failed ({done.stderr.strip().splitlines()[-1:]})"
+    python.setdefault("scdataset_memory", sys.executable)
+    python.setdefault("scdataset_backed", sys.executable)
+    venv = peers / "annbatch-venv"
+    exe = venv / "bin" / "python"
+    if not exe.exists():
+        base = find_python312()
+        if base is None:
+            python["annbatch"] = "unavailable: annbatch needs Python >= 3.12 and none was found on this machine"
+            return python
+        for step in ([base, "-m", "venv", str(venv)], [str(exe), "-m", "pip", "install", "-q", "annbatch", "numpy",
+                                                          "pyarrow"]):
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode:
+                shutil.rmtree(venv, ignore_errors=True)
+                python["annbatch"] = f"unavailable: {' '.join(step[-3:])} failed"
+                return python
+    python["annbatch"] = str(exe)
+    return python
+
+
+def write_collection(python: str, h5ad: Path, zarr_path: Path) -> None:
+    """annbatch's pre-shuffled zarr collection of the h5ad (its documented preparation step), in its venv."""
+    code = ("import sys, warnings; warnings.simplefilter('ignore'); from annbatch import DatasetCollection; "
+            "DatasetCollection(sys.argv[2]).add_adatas([sys.argv[1]], shuffle=True)")
+    subprocess.run([python, "-c", code, str(h5ad), str(zarr_path)], check=True, capture_output=True)
+
+
+def run_side(python: str, side: str, args) -> dict:
+    """Run one side in a child process (one thread for numpy/BLAS) and parse its JSON line."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONWARNINGS": "ignore"}
+    command = [python, __file__, "--side", side, "--corpus", str(args.corpus), "--h5ad", str(args.h5ad),
+               "--zarr", str(args.zarr), "--peers", str(args.peers), "--k", str(args.k),
+               "--micro-batch", str(args.micro_batch)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"failed: {tail[:160]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=20_000, help="samples in the simulated corpus")
-    parser.add_argument("--genes", type=int, default=8000, help="vocabulary size G")
+    parser.add_argument("--samples", type=int, default=16_000, help="samples in the simulated corpus (both splits)")
+    parser.add_argument("--genes", type=int, default=20_000, help="vocabulary size G")
     parser.add_argument("--datasets", type=int, default=4)
-    parser.add_argument("--mean-library-size", type=float, default=4000.0,
-                        help="single-cell depth; 4000 gives ~2.6k non-zeros per sample at G=8000")
+    parser.add_argument("--mean-library-size", type=float, default=6000.0,
+                        help="single-cell depth; 6000 gives ~5k non-zeros per sample at G=20,000")
     parser.add_argument("--k", type=int, default=2048, help="input genes per sample")
     parser.add_argument("--micro-batch", type=int, default=32)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    parser.add_argument("--baseline-samples", type=int, default=2048, help="samples the baseline processes")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per method; the fastest is kept")
-    parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
+    parser.add_argument("--dir", type=Path, default=None, help="work directory, kept (default: a temporary one)")
+    parser.add_argument("--peers", type=Path, default=None, help="where peers are installed (default: <dir>/peers)")
+    # child mode
+    parser.add_argument("--side", choices=SIDES + ("decode",), help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--h5ad", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--zarr", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    progress = not args.no_progress
+    if args.side:
+        runners = {"txfm": lambda: run_txfm(args, "auto"), "txfm_parquet": lambda: run_txfm(args, "none"),
+                   "naive": lambda: run_naive(args), "scdataset_memory": lambda: run_scdataset(args, False),
+                   "scdataset_backed": lambda: run_scdataset(args, True), "annbatch": lambda: run_annbatch(args),
+                   "decode": lambda: decode_cost(args)}
+        print(json.dumps(runners[args.side]()))
+        return
+
     work = args.dir or Path(tempfile.mkdtemp(prefix="txfm-loader-bench-"))
-    corpus = work / "corpus"
+    args.corpus, args.h5ad, args.zarr = work / "corpus", work / "train.h5ad", work / "annbatch.zarr"
+    args.peers = args.peers or work / "peers"
     try:
-        if not corpus.exists():
-            write_synthetic_corpus(corpus, n_samples=args.samples, n_genes=args.genes, n_datasets=args.datasets,
-                                   mean_library_size=args.mean_library_size, panel_fraction=(0.7, 1.0),
-                                   progress=progress)
-        info = CorpusInfo.open(corpus)
-        h5ad = work / "train.h5ad"
-        if not h5ad.exists():
-            write_h5ad(corpus, h5ad, info)
-        read_start = time.perf_counter()
-        adata = ad.read_h5ad(h5ad)
-        read_seconds = time.perf_counter() - read_start
-        nnz_per_sample = adata.X.nnz / adata.n_obs
-        print(f"corpus: {adata.n_obs} train samples, G={info.n_genes}, K={args.k}, B={args.micro_batch}, "
-              f"{nnz_per_sample:.0f} non-zeros/sample, panels {sorted(p.size for p in info.panels)}; "
-              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; read_h5ad {read_seconds:.1f} s")
+        from simulation.corpus import write_synthetic_corpus
+        from txfm.data import build_decode_cache
 
-        rows = []
-        n_base = min(args.baseline_samples, adata.n_obs)
-        n, wall, cpu = measure(lambda: naive_batches(adata, info, n_base, args.micro_batch, args.k, 1e5, seed=0),
-                               args.repeats, progress)
-        read_share = read_seconds * n / adata.n_obs
-        rows.append(("naive h5ad rows", 0, n, wall + read_share, cpu + read_share))
-        for workers in args.workers:
-            cfg = LoaderConfig(micro_batch=args.micro_batch, n_input_genes=args.k, num_workers=workers)
-            n, wall, cpu = measure(lambda: make_loader(info, cfg, [0], 1, epoch=0), args.repeats, progress)
-            rows.append(("txfm.data", workers, n, wall, cpu))
+        if not args.corpus.exists():
+            write_synthetic_corpus(args.corpus, n_samples=args.samples, n_genes=args.genes,
+                                   n_datasets=args.datasets, mean_library_size=args.mean_library_size,
+                                   panel_fraction=(0.7, 1.0))
+        if not args.h5ad.exists():
+            write_h5ad(args.corpus, args.h5ad)
+        python = prepare_peers(args.peers)
+        if "annbatch" in args.sides and not python["annbatch"].startswith("unavailable") and not args.zarr.exists():
+            write_collection(python["annbatch"], args.h5ad, args.zarr)
+        shutil.rmtree(args.corpus / ".decoded", ignore_errors=True)
+        start = user_cpu()[0]
+        build_decode_cache(args.corpus, "train")
+        cache_seconds = user_cpu()[0] - start
 
-        base_per_cpu = rows[0][2] / rows[0][4]
-        print(f"\n{'method':<17}{'workers':>8}{'samples':>9}{'samples/s':>11}{'per core':>10}"
-              f"{'per CPU-s':>11}{'ratio':>7}")
-        for method, workers, n, wall, cpu in rows:
-            rate = n / wall
-            print(f"{method:<17}{workers:>8}{n:>9}{rate:>11.0f}{rate / max(1, workers):>10.0f}"
-                  f"{n / cpu:>11.0f}{n / cpu / base_per_cpu:>7.1f}")
+        panels, n_genes, _ = corpus_panels(args.corpus)
+        results = {}
+        for side in args.sides:
+            results[side] = ({"error": python[side]} if python[side].startswith("unavailable")
+                             else run_side(python[side], side, args))
+        decode = run_side(sys.executable, "decode", args)
+        ours = results.get("txfm", {})
+        n_train = ours.get("samples") or 1
+        print(f"corpus: G={n_genes}, {len(panels)} datasets (panels {sorted(p.size for p in panels)}), "
+              f"K={args.k}, B={args.micro_batch}, one full epoch of the train split; load average "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        print(f"decode µs/sample (user CPU, every train row group): Parquet {decode.get('parquet', float('nan')):.1f}"
+              f" → memory-mapped cache {decode.get('cache', float('nan')):.1f}; one-off cache build "
+              f"{cache_seconds / n_train * 1e6:.1f} µs/sample")
+        print(f"\n{'side':<28}{'samples':>9}{'user':>8}{'sys':>8}{'CPU µs/sample':>15}{'wall s':>8}"
+              f"{'CPU vs ours':>13}{'user vs ours':>14}")
+        cost = {s: ((r["user_s"] + r["sys_s"]) / r["samples"], r["user_s"] / r["samples"])
+                for s, r in results.items() if "samples" in r}
+        for side in args.sides:
+            r = results[side]
+            if "error" in r:
+                print(f"{LABELS[side]:<28}  {r['error']}")
+                continue
+            cpu, user = cost[side]
+            ratios = (f"{cpu / cost['txfm'][0]:>12.2f}x{user / cost['txfm'][1]:>13.2f}x" if "txfm" in cost
+                      else "")
+            print(f"{LABELS[side]:<28}{r['samples']:>9}{user * 1e6:>8.1f}{r['sys_s'] / r['samples'] * 1e6:>8.1f}"
+                  f"{cpu * 1e6:>15.1f}{r['wall_s']:>8.1f}{ratios}")
+        peers = [s for s in PEERS if s in cost]
+        if "txfm" in cost and peers:
+            for i, name in ((0, "CPU (user+sys)"), (1, "user CPU")):
+                best = min(peers, key=lambda s: cost[s][i])
+                print(f"per {name} second, ours = {cost[best][i] / cost['txfm'][i]:.2f}x the best peer "
+                      f"({LABELS[best]}); goal ≥ 3x")
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)

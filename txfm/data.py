@@ -392,17 +392,14 @@ class _RowGroupReader:
         self._cache: OrderedDict[tuple[int, int], _Block] = OrderedDict()
 
     def get(self, file: int, row_group: int) -> _Block:
-        if self.cache_dir is not None:
-            mapped = self._mapped.get(file)
-            if mapped is None:
-                mapped = self._open_cached(file)
-            if mapped is not None:
-                return _block_of(mapped.get_batch(row_group))
         key = (file, row_group)
-        if key in self._cache:
+        if key in self._cache:  # also for mapped blocks: get_batch parses IPC metadata on every call
             self._cache.move_to_end(key)
             return self._cache[key]
-        block = _block_of(self._decode(file, row_group))
+        mapped = None
+        if self.cache_dir is not None:
+            mapped = self._mapped.get(file) or self._open_cached(file)
+        block = _block_of(mapped.get_batch(row_group) if mapped is not None else self._decode(file, row_group))
         self._cache[key] = block
         if len(self._cache) > self.capacity:
             self._cache.popitem(last=False)

@@ -59,16 +59,25 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _mix_int(x: int) -> int:
+    """SplitMix64 finaliser on one Python int (mod 2^64)."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
 def sample_keys(words: Sequence[int], index: np.ndarray) -> np.ndarray:
     """64-bit keys of the samples ``index`` (int [n]) of the random stream named by ``words`` → uint64 [n].
 
-    ``words`` (non-negative ints, e.g. ``(seed, epoch, stream, batch, salt)``) are hashed by numpy's
-    SeedSequence; key ``i`` is the ``i``-th SplitMix64 output of that stream, so it depends only on
-    ``(words, i)``.
+    ``words`` (non-negative ints, e.g. ``(seed, epoch, stream, batch, salt)``) are folded into one 64-bit
+    base by chained SplitMix64; key ``i`` is the ``i``-th SplitMix64 output from that base, so it depends
+    only on ``(words, i)``.
     """
-    base = np.random.SeedSequence([int(w) & _MASK for w in words]).generate_state(1, dtype=np.uint64)[0]
+    base = 0x6A09E667F3BCC909  # any fixed odd start; words are mixed in one at a time
+    for word in words:
+        base = _mix_int((base + (int(word) & _MASK) * int(_GAMMA) + int(_GAMMA)) & _MASK)
     with np.errstate(over="ignore"):
-        return _mix(base + (np.asarray(index, dtype=np.uint64) + np.uint64(1)) * _GAMMA)
+        return _mix(np.uint64(base) + (np.asarray(index, dtype=np.uint64) + np.uint64(1)) * _GAMMA)
 
 
 def _draws(keys: np.ndarray, start: int, stop: int) -> np.ndarray:
