@@ -128,3 +128,13 @@ def test_decode_cache_serves_the_same_batches_and_keeps_the_corpus_valid(corpus,
     list(make_loader(corpus, LoaderConfig(micro_batch=B, n_input_genes=K), [0], 1, 0))  # default: <corpus>/.decoded
     assert any((corpus / data.DECODE_CACHE_DIR).glob("*.arrow"))
     assert validate_corpus(corpus) == [], "the cache directory does not disturb the corpus validator"
+
+
+def test_unwritable_decode_cache_falls_back_to_parquet_with_one_warning(corpus, tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    cfg = LoaderConfig(micro_batch=B, n_input_genes=K, decode_cache=str(tmp_path / "a_file" / "cache"))
+    with pytest.warns(RuntimeWarning, match=r"a_file/cache: decode cache not writable .*decoding Parquet instead"):
+        batches = list(make_loader(corpus, cfg, [0], 1, epoch=0))
+    reference = list(make_loader(corpus, LoaderConfig(micro_batch=B, n_input_genes=K, decode_cache="none"), [0], 1, 0))
+    assert len(batches) == len(reference) and all(torch.equal(a["values"], b["values"])
+                                                  for a, b in zip(batches, reference))

@@ -423,9 +423,9 @@ class _RowGroupReader:
             try:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 self._write_cache(file, path)
-            except PermissionError as exc:
-                warnings.warn(f"{self.cache_dir}: decode cache not writable ({exc}); decoding Parquet instead",
-                              RuntimeWarning)
+            except OSError as exc:  # read-only location, disk full…: the loader works without the cache
+                warnings.warn(f"{self.cache_dir}: decode cache not writable ({exc.strerror or exc}); decoding "
+                              "Parquet instead", RuntimeWarning)
                 self.cache_dir = None
                 return None
         try:
