@@ -5,7 +5,9 @@
 Every side reads one full epoch of the train split of the same simulated corpus (ALL its datasets) and
 turns it into the same training micro-batches with the SAME micro-batch builder,
 :class:`txfm.transform.InputTransform` (library-size normalisation, log1p, K-gene sampling, input values
-and flat sparse-target entries) — the sides differ only in how they get the samples' rows:
+and flat sparse-target entries) — the sides differ only in how they get the samples' rows. The
+``builder alone`` row times that builder on the same epoch with the rows fetched beforehand, so "fetch"
+(a side's CPU µs/sample minus the builder's) is what each side adds on top of the common work:
 
 * ``txfm.data`` — ours: shuffled Parquet row groups, decoded once into the memory-mapped Arrow IPC decode
   cache (its one-off build is reported on its own line, as the h5ad and zarr conversions of the peers are
@@ -45,8 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 from txfm.transform import InputTransform, sample_keys  # noqa: E402  (numpy only: every environment has it)
 
-SIDES = ("txfm", "txfm_parquet", "naive", "scdataset_memory", "scdataset_backed", "annbatch")
-LABELS = {"txfm": "txfm.data (decode cache)", "txfm_parquet": "txfm.data, Parquet decode",
+SIDES = ("txfm", "txfm_parquet", "naive", "scdataset_memory", "scdataset_backed", "annbatch", "builder")
+LABELS = {"builder": "builder alone (no fetch)", "txfm": "txfm.data (decode cache)", "txfm_parquet": "txfm.data, Parquet decode",
           "naive": "naive AnnData", "scdataset_memory": "scdataset, in memory",
           "scdataset_backed": "scdataset, backed h5ad", "annbatch": "annbatch (zarr)"}
 PEERS = ("naive", "scdataset_memory", "scdataset_backed", "annbatch")
@@ -184,6 +186,21 @@ def run_annbatch(args) -> dict:
     return consume(batches, build)
 
 
+def run_builder(args) -> dict:
+    """The shared builder alone: the epoch's shuffled row batches are fetched (untimed) first, then built."""
+    import anndata as ad
+
+    panels, n_genes, _ = corpus_panels(args.corpus)
+    builder = Builder(panels, n_genes, args.k, 1e5)
+    adata = ad.read_h5ad(args.h5ad)
+    dataset_idx, library = adata.obs["dataset_idx"].to_numpy(), adata.obs["library_size"].to_numpy()
+    order = np.random.default_rng(0).permutation(adata.n_obs)
+    rows = [np.sort(order[i:i + args.micro_batch]) for i in range(0, adata.n_obs - args.micro_batch + 1,
+                                                                   args.micro_batch)]
+    fetched = [(adata.X[r], dataset_idx[r], library[r]) for r in rows]
+    return consume(lambda: fetched, lambda batch: builder(*batch))
+
+
 def consume(make_batches, build) -> dict:
     """One epoch: open the data (``make_batches()``), build every batch. → samples and CPU/wall seconds."""
     user, system = user_cpu()
@@ -263,7 +280,7 @@ def find_python312() -> str | None:
 
 def prepare_peers(peers: Path) -> dict[str, str]:
     """Install the peers (pip, into ``peers``); → {side: python executable or 'unavailable: reason'}."""
-    python = {"naive": sys.executable, "txfm": sys.executable, "txfm_parquet": sys.executable}
+    python = {side: sys.executable for side in ("naive", "txfm", "txfm_parquet", "builder")}
     peers.mkdir(parents=True, exist_ok=True)
     target = peers / "scdataset"
     if not (target / "scdataset").is_dir():
@@ -335,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         runners = {"txfm": lambda: run_txfm(args, "auto"), "txfm_parquet": lambda: run_txfm(args, "none"),
                    "naive": lambda: run_naive(args), "scdataset_memory": lambda: run_scdataset(args, False),
                    "scdataset_backed": lambda: run_scdataset(args, True), "annbatch": lambda: run_annbatch(args),
-                   "decode": lambda: decode_cost(args)}
+                   "builder": lambda: run_builder(args), "decode": lambda: decode_cost(args)}
         print(json.dumps(runners[args.side]()))
         return
 
@@ -374,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"decode µs/sample (user CPU, every train row group): Parquet {decode.get('parquet', float('nan')):.1f}"
               f" → memory-mapped cache {decode.get('cache', float('nan')):.1f}; one-off cache build "
               f"{cache_seconds / n_train * 1e6:.1f} µs/sample")
-        print(f"\n{'side':<28}{'samples':>9}{'user':>8}{'sys':>8}{'CPU µs/sample':>15}{'wall s':>8}"
+        print(f"\n{'side':<28}{'samples':>9}{'user':>8}{'sys':>8}{'CPU µs/sample':>15}{'fetch':>8}{'wall s':>8}"
               f"{'CPU vs ours':>13}{'user vs ours':>14}")
         cost = {s: ((r["user_s"] + r["sys_s"]) / r["samples"], r["user_s"] / r["samples"])
                 for s, r in results.items() if "samples" in r}
@@ -386,14 +403,20 @@ def main(argv: list[str] | None = None) -> None:
             cpu, user = cost[side]
             ratios = (f"{cpu / cost['txfm'][0]:>12.2f}x{user / cost['txfm'][1]:>13.2f}x" if "txfm" in cost
                       else "")
+            fetch = f"{(cpu - cost['builder'][0]) * 1e6:>8.1f}" if "builder" in cost else f"{'–':>8}"
             print(f"{LABELS[side]:<28}{r['samples']:>9}{user * 1e6:>8.1f}{r['sys_s'] / r['samples'] * 1e6:>8.1f}"
-                  f"{cpu * 1e6:>15.1f}{r['wall_s']:>8.1f}{ratios}")
+                  f"{cpu * 1e6:>15.1f}{fetch}{r['wall_s']:>8.1f}{ratios}")
         peers = [s for s in PEERS if s in cost]
         if "txfm" in cost and peers:
             for i, name in ((0, "CPU (user+sys)"), (1, "user CPU")):
                 best = min(peers, key=lambda s: cost[s][i])
                 print(f"per {name} second, ours = {cost[best][i] / cost['txfm'][i]:.2f}x the best peer "
                       f"({LABELS[best]}); goal ≥ 3x")
+            if "builder" in cost:
+                fetch = {s: cost[s][0] - cost["builder"][0] for s in peers + ["txfm"]}
+                best = min(peers, key=fetch.get)
+                print(f"fetch only (CPU µs/sample minus the builder's): ours {fetch['txfm'] * 1e6:.1f}, best peer "
+                      f"{LABELS[best]} {fetch[best] * 1e6:.1f}")
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)

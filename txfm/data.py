@@ -523,11 +523,9 @@ def _gather_entries(reader: _RowGroupReader, units: _Units, unit: np.ndarray, ro
         dataset_idx[sel], library[sel] = block.dataset_idx[r], block.library_size[r]
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(stops - starts, out=offsets[1:])
-    genes, counts = np.empty(offsets[-1], dtype=np.int32), np.empty(offsets[-1], dtype=np.float32)
-    for b, (u, lo, hi, out) in enumerate(zip(unit.tolist(), starts.tolist(), stops.tolist(), offsets.tolist())):
-        block = blocks[u]
-        genes[out:out + hi - lo] = block.gene_idx[lo:hi]
-        counts[out:out + hi - lo] = block.counts[lo:hi]
+    spans = list(zip(unit.tolist(), starts.tolist(), stops.tolist()))
+    genes = np.concatenate([blocks[u].gene_idx[lo:hi] for u, lo, hi in spans])  # views → one copy each
+    counts = np.concatenate([blocks[u].counts[lo:hi] for u, lo, hi in spans])
     return offsets, genes, counts, dataset_idx, library
 
 
