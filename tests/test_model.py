@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from txfm.checkpoint import CONFIG_FILE, GENES_FILE, MODEL_FILE, load_model, resolve_checkpoint, save_model
+from txfm.checkpoint import (CONFIG_FILE, GENES_FILE, MODEL_CARD_FILE, MODEL_FILE, load_model, resolve_checkpoint,
+                             save_model)
 from txfm.losses import ACTIVATIONS
 from txfm.model import (PAPER_PARAMETERS, PRESETS, DropPath, LayerScale, TxFM, TxFMConfig, fit_decoder_dim,
                         param_groups, parameter_table)
@@ -174,7 +175,8 @@ def test_save_load_round_trip(tmp_path) -> None:
     model = trained_like(decoder_depth=2, decoder_dim=32)
     cfg = model.cfg
     save_model(tmp_path / "ckpt", model, cfg, vocabulary(), extra={"n_input_genes": 12, "step": 7})
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted([MODEL_FILE, CONFIG_FILE, GENES_FILE])
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted([MODEL_FILE, CONFIG_FILE, GENES_FILE,
+                                                                           MODEL_CARD_FILE])
     # safetensors only: the weights file is plain tensors, readable without pickle.
     assert set(load_file(tmp_path / "ckpt" / MODEL_FILE)) == set(model.state_dict())
     assert json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())["extra"] == {"n_input_genes": 12, "step": 7}
