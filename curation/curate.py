@@ -36,21 +36,14 @@ from tqdm.auto import tqdm
 
 from curation import readers, schema
 from curation.genes import GeneMapping, GeneTable
+from curation.intermediates import CURATED_DIR, REPORT_FILE, SAMPLES_FILE, curated_dir
 from curation.io import CurationError, SeenIds, atomic_path, file_digest
 from curation.qc import GeneDetectionCounter, QCConfig, QCTally, cell_pass_mask
 
-CURATED_DIR = "curated"
-SAMPLES_FILE = "samples.parquet"
-REPORT_FILE = "report.json"
 #: Obs columns that ``spec["columns"]`` can name, in SAMPLE_SCHEMA order.
 LABEL_KEYS = ("batch", "perturbation", "cell_type", "tissue", "source_accession")
 SINGLE_BATCH = "all"
 UNKNOWN_BATCH = "unknown"
-
-
-def curated_dir(work_dir: str | Path, name: str) -> Path:
-    """Directory holding one dataset's curated intermediates."""
-    return Path(work_dir) / CURATED_DIR / name
 
 
 def curate_dataset(name: str, spec: Mapping[str, Any], work_dir: Path, gene_table: GeneTable | None = None,
@@ -373,4 +366,4 @@ def _source_files(files: Mapping[str, Any]) -> list[dict]:
     return out
 
 
-__all__ = ["curate_dataset", "curated_dir", "SAMPLES_FILE", "REPORT_FILE"]
+__all__ = ["curate_dataset", "curated_dir", "CURATED_DIR", "SAMPLES_FILE", "REPORT_FILE"]
