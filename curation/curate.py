@@ -38,7 +38,8 @@ from curation import readers, schema
 from curation.genes import GeneMapping, GeneTable
 from curation.intermediates import CURATED_DIR, REPORT_FILE, SAMPLES_FILE, curated_dir
 from curation.io import CurationError, SeenIds, atomic_path, file_digest
-from curation.qc import GeneDetectionCounter, QCConfig, QCTally, cell_pass_mask
+from curation.intermediates import check_panel
+from curation.qc import GeneDetectionCounter, QCConfig, QCTally, cell_pass_mask, row_sums
 
 #: Obs columns that ``spec["columns"]`` can name, in SAMPLE_SCHEMA order.
 LABEL_KEYS = ("batch", "perturbation", "cell_type", "tissue", "source_accession")
@@ -104,8 +105,17 @@ def _curate(name: str, spec: Mapping[str, Any], out_dir: Path, reader: Any, gene
     if metadata is not None and tally.n_input and n_metadata_matched == 0:
         raise CurationError(metadata_spec["file"], f"no {metadata_spec['key']!r} value matches a sample ID of "
                                                    f"dataset {name} (e.g. {seen_ids.first!r})")
+    if tally.n_passed == 0:  # fail here, not at build-corpus, and before anything is written
+        dropped = ", ".join(f"{reason}: {n}" for reason, n in tally.dropped().items() if n) or "none"
+        raise CurationError(where, f"QC kept 0 of {tally.n_input} samples (dropped {dropped}); check the reader "
+                                   f"options and qc (min_genes_per_cell = {qc.min_genes_per_cell}, "
+                                   f"min_library_size = {qc.min_library_size:g})")
     panel_columns = np.flatnonzero(detection.kept(qc.min_cells_per_gene))
     panel = mapping.genes[panel_columns]
+    if panel.size == 0:
+        raise CurationError(where, f"empty gene panel: no gene is detected in min_cells_per_gene = "
+                                   f"{qc.min_cells_per_gene} of the {tally.n_passed} passing samples")
+    panel = check_panel(panel, where)  # the check every later step applies to report.json
 
     # Pass 2: write the passing samples restricted to the panel.
     samples_path = out_dir / SAMPLES_FILE
@@ -146,6 +156,8 @@ def _curate(name: str, spec: Mapping[str, Any], out_dir: Path, reader: Any, gene
         "n_control": labels.n_control,
         "n_batches": len(labels.batches),
         "chunk_size": int(chunk_size),
+        # Values within float noise of an integer that the reader rounded (pass 2; see curation.readers).
+        "integer_rounding": dict(getattr(reader, "rounding", None) or {"n_values_rounded": 0, "max_abs_change": 0.0}),
         "source_files": _source_files(spec["files"]),
     }
     with atomic_path(out_dir / REPORT_FILE) as tmp:
@@ -299,7 +311,7 @@ def _sample_table(name: str, spec: Mapping[str, Any], counts: sp.csr_matrix, pan
         "source_accession": pa.array(accession, type=pa.string()),
         "gene_idx": pa.ListArray.from_arrays(offsets, pa.array(gene_idx, type=pa.int32())),
         "counts": pa.ListArray.from_arrays(offsets, pa.array(values, type=pa.float32())),
-        "library_size": pa.array(np.asarray(counts.sum(axis=1, dtype=np.float64)).ravel(), type=pa.float64()),
+        "library_size": pa.array(row_sums(counts), type=pa.float64()),
         "n_genes_detected": pa.array(np.diff(indptr).astype(np.int32), type=pa.int32()),
         "content_hash": pa.array(hashes, type=pa.string()),
     }

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from curation.intermediates import PHENOPRINT_PRUNED_FILE, PHENOPRINT_SUMMARY_FILE, curated_paths, load_panel
 from curation.io import CurationError, atomic_path
+from curation.qc import row_sums
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ def log_normalise(counts: sp.csr_matrix, target_sum: float = TARGET_SUM) -> sp.c
 
     Shared with the evaluation harness (txfm.evaluate), whose Lib+Log baseline is the same transform.
     """
-    library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    library = row_sums(counts)
     scale = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0)
     out = sp.csr_matrix(counts, dtype=np.float64, copy=True)
     out.data *= np.repeat(scale, np.diff(out.indptr))

@@ -33,7 +33,13 @@ check is the contract; True elsewhere — pass False to check those formats too)
 Decisions worth knowing:
 
 * Counts are returned as float32 with duplicate coordinates summed and explicit zeros removed. NaN,
-  inf and negative values are passed through untouched (QC drops such samples later).
+  inf and negative integers are passed through untouched (QC drops such samples later); negative
+  NON-integers are scaled data and refused outright, whatever ``allow_non_integer`` says.
+* While the integer check is in force, values within ``INTEGER_NOISE`` (relative) of an integer — dense float
+  matrices written through float arithmetic, e.g. 2.9999998 — are rounded to it; ``reader.rounding`` counts
+  them (curation copies it into report.json as ``integer_rounding``). Any other fraction is refused.
+* Compressed HDF5 matrices (h5ad X/raw/layers, 10x .h5) have ``indptr`` and ``indices`` bounds-checked chunk
+  by chunk: a corrupt file is a one-line error, never a crash or a silently lost count.
 * ``star_counts``: Ensembl versions are stripped (ENSG00000000003.15 → ENSG00000000003) and the
   ``_PAR_Y`` copies of pseudo-autosomal genes are DROPPED (GDC assigns their reads to the X copy, and
   keeping them would duplicate the X gene's ID once the version is stripped).

@@ -94,6 +94,9 @@ class Reader:
         self._integer_where: Path | None = next(iter(files.values()), None)
         self._integer_problem = ("counts hold non-integer values (normalised data?); "
                                  "set allow_normalised: true to accept")
+        #: Float-noise rounding of the last chunks() pass (only while the integer check is in force):
+        #: n_values_rounded, max_abs_change. See INTEGER_NOISE.
+        self.rounding: dict[str, float] = {"n_values_rounded": 0, "max_abs_change": 0.0}
 
     # -- public -------------------------------------------------------------------------------------
     @property
@@ -124,10 +127,22 @@ class Reader:
         n_features = self.n_features
         seen_ids = None if self._ids_checked_upfront else SeenIds(self._integer_where)
         produced = 0
+        rounding = {"n_values_rounded": 0, "max_abs_change": 0.0}
+        self.rounding = rounding
         for counts, obs in _rechunk(self._pieces(chunk_size), chunk_size):
             counts = _canonical_csr(counts, n_features)
+            if _negative_fraction(counts.data):
+                raise CurationError(self._integer_where, "holds negative non-integer values: scaled (z-scored) "
+                                                         "data, not counts or normalised counts; it cannot be used "
+                                                         "(point the reader at the raw counts matrix)")
             if not self.allow_non_integer and _has_non_integer(counts.data):
-                raise CurationError(self._integer_where, self._integer_problem)
+                counts.data, n_rounded, change, fraction_left = _round_float_noise(counts.data)
+                if fraction_left:
+                    raise CurationError(self._integer_where, self._integer_problem)
+                if n_rounded:
+                    counts.eliminate_zeros()  # values like 1e-8 round to 0
+                rounding["n_values_rounded"] += n_rounded
+                rounding["max_abs_change"] = max(rounding["max_abs_change"], change)
             obs = _with_source_id_first(obs)
             if seen_ids is not None:
                 seen_ids.add(obs["source_id"])
@@ -269,6 +284,34 @@ def _has_non_integer(values: np.ndarray) -> bool:
     """True when some finite value has a fractional part (NaN/inf are QC's business, not this check's)."""
     finite = values[np.isfinite(values)]
     return bool(np.any(finite != np.rint(finite)))
+
+
+#: Relative distance to the nearest integer below which a float value counts as that integer stored with
+#: float noise (float32 carries ~7 significant digits: 2.9999998 is 3 written through a float computation).
+INTEGER_NOISE = 1e-6
+
+
+def _negative_fraction(values: np.ndarray) -> bool:
+    """True when some value is negative AND non-integer: scaled (z-scored) data, never counts."""
+    neg = values[values < 0]
+    return bool(neg.size and np.any(neg != np.rint(neg)))
+
+
+def _round_float_noise(values: np.ndarray) -> tuple[np.ndarray, int, float, bool]:
+    """Round values within INTEGER_NOISE (relative, at least absolute for |x| < 1) of an integer.
+
+    Returns (values, n rounded, largest absolute change, whether a real fraction remains).
+    """
+    finite = np.isfinite(values)
+    nearest = np.rint(values)
+    change = np.where(finite, np.abs(values - nearest), 0.0)
+    fractional = change > 0
+    if not fractional.any():
+        return values, 0, 0.0, False
+    noise = fractional & (change <= INTEGER_NOISE * np.maximum(1.0, np.abs(nearest)))
+    if (fractional & ~noise).any():
+        return values, 0, 0.0, True
+    return np.where(noise, nearest, values).astype(values.dtype), int(noise.sum()), float(change.max()), False
 
 
 def _canonical_csr(counts: sp.spmatrix, n_features: int) -> sp.csr_matrix:

@@ -32,13 +32,57 @@ def _read_elem(node: h5py.Group | h5py.Dataset) -> Any:
     return read_elem(node)
 
 
-def _compressed_rows(group: h5py.Group, start: int, stop: int, n_features: int) -> sp.csr_matrix:
-    """Rows [start, stop) of a compressed matrix whose major axis is the sample axis (CSR, or 10x CSC)."""
+def _check_indptr(indptr: np.ndarray, n_data: int, where: Path, offset: int = 0, major: str = "row",
+                  first: bool = False) -> None:
+    """Raise a one-line CurationError unless ``indptr`` (a slice starting at major position ``offset``) is
+    non-decreasing and within the ``n_data`` stored values (and starts at 0 when ``first``)."""
+    if first and indptr.size and indptr[0] != 0:
+        raise CurationError(where, f"indptr[0] = {int(indptr[0])}, expected 0 (corrupt compressed matrix)")
+    steps = np.diff(indptr)
+    if np.any(steps < 0):
+        k = int(np.argmax(steps < 0))
+        raise CurationError(where, f"indptr decreases at {major} {offset + k} (corrupt compressed matrix)")
+    if indptr.size and (indptr[0] < 0 or indptr[-1] > n_data):
+        bad = int(np.argmax((indptr < 0) | (indptr > n_data)))
+        raise CurationError(where, f"indptr[{offset + bad}] = {int(indptr[bad])} beyond the {n_data} stored "
+                                   "values (truncated or corrupt compressed matrix)")
+
+
+def _check_indices(indices: np.ndarray, n_minor: int, where: Path, minor: str) -> None:
+    """Raise a one-line CurationError unless every index lies in [0, n_minor)."""
+    bad = (indices < 0) | (indices >= n_minor)
+    if np.any(bad):
+        value = int(indices[int(np.argmax(bad))])
+        raise CurationError(where, f"{minor} index {value} outside [0, {n_minor}) (corrupt compressed matrix)")
+
+
+def _compressed_rows(group: h5py.Group, start: int, stop: int, n_features: int, where: Path,
+                     minor: str) -> sp.csr_matrix:
+    """Rows [start, stop) of a compressed matrix whose major axis is the sample axis (CSR, or 10x CSC).
+
+    ``indptr`` and ``indices`` are bounds-checked per chunk (scipy does not check them, and an index past
+    ``n_features`` can crash the process or silently lose a count); ``minor`` names the index axis in errors.
+    """
     indptr = group["indptr"][start:stop + 1].astype(np.int64)
+    _check_indptr(indptr, int(group["data"].shape[0]), where, offset=start, first=start == 0)
     lo, hi = int(indptr[0]), int(indptr[-1])
     data = group["data"][lo:hi]
     indices = group["indices"][lo:hi]
+    _check_indices(indices, n_features, where, minor)
     return sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, n_features))
+
+
+def _compound_frame(ds: h5py.Dataset) -> pd.DataFrame:
+    """A pre-0.7 anndata dataframe: a compound (structured) dataset whose ``index`` field is the index."""
+    table = ds[()]
+    columns = {}
+    for name in table.dtype.names:
+        values = table[name]
+        columns[name] = values.astype(str).astype(object) if values.dtype.kind in "SUO" else values
+    index = columns.pop("index", None)
+    if index is None:
+        index = np.arange(len(table)).astype(str).astype(object)
+    return pd.DataFrame(columns, index=pd.Index(index))
 
 
 class _H5adObs:
@@ -51,6 +95,9 @@ class _H5adObs:
         if isinstance(node, h5py.Group) and node.attrs.get("encoding-type") == "dataframe":
             self.index_key = str(node.attrs["_index"])
             self.columns = [str(c) for c in node.attrs.get("column-order", [])]
+        elif isinstance(node, h5py.Dataset) and node.dtype.names:  # pre-0.7 compound obs (small: loaded once)
+            self.legacy_frame = _compound_frame(node)
+            self.index_key, self.columns = "", list(self.legacy_frame.columns)
         else:  # pre-0.7 anndata layouts: let anndata decode them (loads obs once; such files are small)
             import anndata
 
@@ -140,12 +187,21 @@ class H5adReader(Reader):
         self._integer_problem = (f"matrix {matrix} holds non-integer values (normalised data?); "
                                  "set allow_normalised: true to accept")
         with _reading(self.path), h5py.File(self.path, "r") as f:
+            if matrix == "raw" and self._matrix_key not in f and "raw.X" in f:
+                # anndata < 0.7 kept .raw as top-level "raw.X" / "raw.var" (read by anndata's _read_legacy_raw)
+                self._matrix_key, var_key = "raw.X", "raw.var"
             if self._matrix_key not in f:
                 layers = sorted(f["layers"].keys()) if "layers" in f else []
                 raise CurationError(self.path, f"has no matrix {matrix!r} (layers: {', '.join(layers) or 'none'})")
             node = f[self._matrix_key]
             self._layout, shape = self._layout_of(node)
             self.n_samples = int(shape[0])
+            if self._layout != "dense":
+                n_major = shape[0] if self._layout == "csr" else shape[1]
+                if len(node["indptr"]) != n_major + 1:
+                    raise CurationError(self.path, f"matrix {matrix}: indptr has {len(node['indptr'])} entries for "
+                                                   f"{n_major} {'rows' if self._layout == 'csr' else 'columns'} "
+                                                   "(corrupt compressed matrix)")
             self._obs = _H5adObs(self.path, f)
             _check_unique(self._obs.index(f), self.path, "obs name (sample id)")
             var = self._read_var(f, var_key)
@@ -171,6 +227,8 @@ class H5adReader(Reader):
         node = f[var_key]
         if isinstance(node, h5py.Group) and node.attrs.get("encoding-type") == "dataframe":
             return _read_elem(node)
+        if isinstance(node, h5py.Dataset) and node.dtype.names:
+            return _compound_frame(node)
         backed = anndata.read_h5ad(self.path, backed="r")  # legacy layout
         var = (backed.raw.var if var_key == "raw/var" else backed.var).copy()
         backed.file.close()
@@ -199,7 +257,7 @@ class H5adReader(Reader):
             for start in range(0, n, chunk_size):
                 stop = min(start + chunk_size, n)
                 if self._layout == "csr":
-                    counts = _compressed_rows(node, start, stop, n_features)
+                    counts = _compressed_rows(node, start, stop, n_features, self.path, "column")
                 else:
                     counts = sp.csr_matrix(node[start:stop])
                 yield counts, self._obs.frame(f, start, stop)
@@ -207,6 +265,7 @@ class H5adReader(Reader):
     def _fill_from_csc(self, node: h5py.Group, store: _BucketStore, bar: tqdm) -> None:
         """Walk a CSC matrix in column blocks of about ``block_values`` entries into the bucket store."""
         indptr = node["indptr"][()].astype(np.int64)
+        _check_indptr(indptr, int(node["data"].shape[0]), self.path, major="column", first=True)
         n_cols = len(indptr) - 1
         col = 0
         while col < n_cols:
@@ -215,6 +274,7 @@ class H5adReader(Reader):
             stop = min(max(stop, col + 1), n_cols)
             lo, hi = int(indptr[col]), int(indptr[stop])
             cells = node["indices"][lo:hi]
+            _check_indices(cells, store.n_samples, self.path, "row")
             genes = np.repeat(np.arange(col, stop, dtype=np.int64), np.diff(indptr[col:stop + 1]))
             store.add(cells, genes, node["data"][lo:hi])
             bar.update(stop - col)
@@ -223,13 +283,19 @@ class H5adReader(Reader):
 
 class TenXH5Reader(Reader):
     """CellRanger HDF5 (files: matrix): v3 ``/matrix/{data,indices,indptr,shape,barcodes,features/...}`` or
-    v2 ``/<genome>/{...,genes,gene_names}``. Stored CSC genes × cells, i.e. one compressed row per cell."""
+    v2 ``/<genome>/{...,genes,gene_names}``. Stored CSC genes × cells, i.e. one compressed row per cell.
+
+    Option genome: v2 multi-genome files (one group per genome, e.g. hg19 + mm10 barnyard runs) need it to
+    pick the group; in v3 files it keeps only the features whose ``features/genome`` equals it."""
 
     fmt = "10x_h5"
+    options = ("genome",)
 
-    def __init__(self, files: dict[str, Path], **common: Any) -> None:
+    def __init__(self, files: dict[str, Path], genome: str | None = None, **common: Any) -> None:
         super().__init__(files, **common)
         self.path = files["matrix"]
+        self.genome = genome
+        self._keep: np.ndarray | None = None  # v3 with a genome option: the feature columns of that genome
         with _reading(self.path), h5py.File(self.path, "r") as f:
             self._group = self._matrix_group(f)
             g = f[self._group]
@@ -241,7 +307,7 @@ class TenXH5Reader(Reader):
                 feats = g["features"]
                 ids = _h5_strings(feats["id"])
                 symbols = _h5_strings(feats["name"]) if "name" in feats else None
-                extra = {"feature_type": _h5_strings(feats["feature_type"])} if "feature_type" in feats else {}
+                extra = {k: _h5_strings(feats[k]) for k in ("feature_type", "genome") if k in feats}
             else:
                 ids = _h5_strings(g["genes"])
                 symbols = _h5_strings(g["gene_names"]) if "gene_names" in g else None
@@ -255,15 +321,36 @@ class TenXH5Reader(Reader):
             raise CurationError(self.path, f"shape says {n_cells} cells but {len(self._barcodes)} barcodes are stored")
         _check_unique(self._barcodes, self.path, "barcode")
         self.n_samples = n_cells
-        self.features = _features_frame(ids, symbols, **extra)
+        self._n_stored_features = n_genes
+        features = _features_frame(ids, symbols, **extra)
+        if genome is not None and self._group == "matrix":
+            if "genome" not in features.columns:
+                raise CurationError(self.path, f"reader option genome={genome!r}: /matrix/features has no genome "
+                                               "column (single-genome file; drop the option)")
+            genomes = sorted(set(features["genome"]))
+            if genome not in genomes:
+                raise CurationError(self.path, f"reader option genome={genome!r}: not among the features' "
+                                               f"genomes {', '.join(genomes)}")
+            self._keep = np.flatnonzero(features["genome"].to_numpy() == genome)
+            features = features.iloc[self._keep].reset_index(drop=True)
+        self.features = features
 
     def _matrix_group(self, f: h5py.File) -> str:
+        """The group holding the matrix: /matrix (CellRanger >= 3) or one /<genome> group (CellRanger 2)."""
         if "matrix" in f:
             return "matrix"
-        candidates = [k for k in f.keys() if isinstance(f[k], h5py.Group) and "indptr" in f[k]]
-        if len(candidates) != 1:
-            raise CurationError(self.path, "not a CellRanger matrix HDF5 (no /matrix group and no single "
-                                           "genome group)")
+        candidates = sorted(k for k in f.keys() if isinstance(f[k], h5py.Group) and "indptr" in f[k])
+        if self.genome is not None:
+            if self.genome not in candidates:
+                raise CurationError(self.path, f"reader option genome={self.genome!r}: no such genome group "
+                                               f"(genome groups: {', '.join(candidates) or 'none'})")
+            return self.genome
+        if not candidates:
+            raise CurationError(self.path, "not a CellRanger matrix HDF5 (no /matrix group and no genome group "
+                                           "holding indptr)")
+        if len(candidates) > 1:
+            raise CurationError(self.path, f"multi-genome CellRanger file with genome groups "
+                                           f"{', '.join(candidates)}; choose one with the reader option genome: <name>")
         return candidates[0]
 
     def _pieces(self, chunk_size: int) -> Iterator[tuple[sp.csr_matrix, pd.DataFrame]]:
@@ -272,5 +359,7 @@ class TenXH5Reader(Reader):
             g = f[self._group]
             for start in range(0, n, chunk_size):
                 stop = min(start + chunk_size, n)
-                yield (_compressed_rows(g, start, stop, self.n_features),
-                       pd.DataFrame({"source_id": self._barcodes[start:stop]}))
+                counts = _compressed_rows(g, start, stop, self._n_stored_features, self.path, "feature")
+                if self._keep is not None:
+                    counts = counts[:, self._keep]
+                yield counts, pd.DataFrame({"source_id": self._barcodes[start:stop]})
