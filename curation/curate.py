@@ -39,7 +39,7 @@ from curation.genes import GeneMapping, GeneTable
 from curation.intermediates import CURATED_DIR, REPORT_FILE, SAMPLES_FILE, curated_dir
 from curation.io import CurationError, SeenIds, atomic_path, file_digest
 from curation.intermediates import check_panel
-from curation.qc import GeneDetectionCounter, QCConfig, QCTally, cell_pass_mask, row_sums
+from curation.qc import GeneDetectionCounter, QCConfig, QCTally, cell_pass_mask, check_sample_filter, row_sums
 
 #: Obs columns that ``spec["columns"]`` can name, in SAMPLE_SCHEMA order.
 LABEL_KEYS = ("batch", "perturbation", "cell_type", "tissue", "source_accession")
@@ -90,7 +90,8 @@ def _curate(name: str, spec: Mapping[str, Any], out_dir: Path, reader: Any, gene
     if metadata_spec:
         metadata = readers.load_metadata_table(metadata_spec["file"], metadata_spec["key"], metadata_spec.get("sep"))
         metadata.index = metadata.index.astype(str)
-    chunks = _ChunkSource(reader, mapping, metadata, columns, qc, chunk_size, where)
+    sample_filter = check_sample_filter(spec.get("sample_filter"), f"datasets.{name}.sample_filter")
+    chunks = _ChunkSource(reader, mapping, metadata, columns, qc, chunk_size, where, sample_filter)
 
     # Pass 1: QC statistics.
     tally = QCTally()
@@ -145,6 +146,7 @@ def _curate(name: str, spec: Mapping[str, Any], out_dir: Path, reader: Any, gene
         "n_samples": tally.n_passed,
         "dropped": tally.dropped(),
         "qc": qc.to_dict(),
+        "sample_filter": sample_filter or None,
         "n_genes_mapped": int(len(mapping.genes)),
         "n_genes_panel": int(len(panel)),
         "panel": panel.astype(int).tolist(),
@@ -187,6 +189,7 @@ class _ChunkSource:
     qc: QCConfig
     chunk_size: int
     where: str
+    sample_filter: dict = field(default_factory=dict)
     _checked_columns: bool = field(default=False, init=False)
 
     def iterate(self, desc: str, progress: bool) -> Iterator[_QCChunk]:
@@ -211,7 +214,8 @@ class _ChunkSource:
             _check_label_columns(obs, self.columns, self.where)
             self._checked_columns = True
         counts, _ = self.mapping.harmonise(raw)
-        passed, reasons = cell_pass_mask(counts, self.qc, raw=raw)
+        excluded = sample_filter_mask(obs, self.sample_filter, self.where) if self.sample_filter else None
+        passed, reasons = cell_pass_mask(counts, self.qc, raw=raw, excluded=excluded)
         return _QCChunk(counts, obs, passed, reasons, n_matched)
 
 
@@ -272,6 +276,21 @@ def _as_labels(values: pd.Series) -> np.ndarray:
             values = values.astype("Int64")
     labels = values.astype(object).where(values.notna(), None)
     return np.array([None if v is None else str(v) for v in labels], dtype=object)
+
+
+def sample_filter_mask(obs: pd.DataFrame, sample_filter: Mapping[str, Mapping[str, list[str]]], where: str
+                       ) -> np.ndarray:
+    """(n_samples,) bool: the samples of ``obs`` that a normalised ``sample_filter`` (qc.check_sample_filter)
+    removes. Values compare as the stored labels do (:func:`_as_labels`: a float column's 1.0 is "1")."""
+    excluded = np.zeros(len(obs), dtype=bool)
+    for kind in ("keep", "drop"):
+        for column, values in sample_filter.get(kind, {}).items():
+            if column not in obs.columns:
+                raise CurationError(where, f"sample_filter.{kind}: no sample column {column!r} (columns: "
+                                           f"{', '.join(map(str, obs.columns))})")
+            listed = np.isin(_as_labels(obs[column]), np.asarray(values, dtype=object))
+            excluded |= ~listed if kind == "keep" else listed
+    return excluded
 
 
 def _sample_table(name: str, spec: Mapping[str, Any], counts: sp.csr_matrix, panel: np.ndarray,
@@ -355,12 +374,13 @@ class _LabelStats:
     n_control: int = 0
     batches: set = field(default_factory=set)
 
-    def add(self, table: pa.Table, control_label: str | None) -> None:
+    def add(self, table: pa.Table, control_label: str | list[str] | None) -> None:
         self.n_samples += table.num_rows
         self.batches.update(table.column("batch").unique().to_pylist())
-        if control_label is not None:
+        if control_label:
+            labels = [control_label] if isinstance(control_label, str) else list(control_label)
             perturbation = table.column("perturbation").to_numpy(zero_copy_only=False)
-            self.n_control += int((perturbation == control_label).sum())
+            self.n_control += int(np.isin(perturbation, np.asarray(labels, dtype=object)).sum())
 
 
 def _source_files(files: Mapping[str, Any]) -> list[dict]:
