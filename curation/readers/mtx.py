@@ -151,15 +151,23 @@ class TenXMtxReader(Reader):
 
 
 class SciplexTripletsReader(Reader):
-    """sci-Plex triplets (files: matrix ``gene_row cell_col count`` 1-based, no header; genes: gene_id,
-    gene_short_name; cells: cell name, sample — all header-less)."""
+    """sci-Plex GEO files (files: matrix, genes, cells).
+
+    matrix: ``gene_row<TAB>cell_col<TAB>count`` 1-based triplets, no header, in any order; genes: the
+    ``*_gene.annotations.txt.gz`` table — as published on GEO it is SPACE-separated with a header line
+    ``id gene_short_name`` (options ``genes_sep`` default " ", ``genes_header`` default True); cells: cell name,
+    sample, tab-separated, no header. Reading the gene table without its header shifts every gene by one
+    (scPerturb issue #7), so a header that looks like a gene ID is refused.
+    """
 
     fmt = "sciplex_triplets"
+    options = ("genes_sep", "genes_header")
 
-    def __init__(self, files: dict[str, Path], **common: Any) -> None:
+    def __init__(self, files: dict[str, Path], genes_sep: str = " ", genes_header: bool = True,
+                 **common: Any) -> None:
         super().__init__(files, **common)
         self.path = files["matrix"]
-        genes = _read_id_table(files["genes"], "gene annotation")
+        genes = self._read_genes(files["genes"], genes_sep, bool(genes_header))
         cells = _read_id_table(files["cells"], "cell annotation")
         _check_unique(cells[0].to_numpy(), files["cells"], "cell name")
         self.features = _features_frame(genes[0].to_numpy(), genes[1].to_numpy() if genes.shape[1] > 1 else None)
@@ -168,6 +176,23 @@ class SciplexTripletsReader(Reader):
             obs["sample" if col == 1 else f"column_{col + 1}"] = cells[col].to_numpy(dtype=object)
         self._obs_table = pd.DataFrame(obs)
         self.n_samples = len(cells)
+
+    @staticmethod
+    def _read_genes(path: Path, sep: str, header: bool) -> pd.DataFrame:
+        """(gene id, symbol) table of the gene annotation file, header line consumed when ``header``."""
+        with _reading(path), _open_binary(path) as fh:
+            table = pd.read_csv(fh, sep=sep, header=None, dtype=str, keep_default_na=False,
+                                quoting=csv.QUOTE_NONE)
+        if table.shape[1] < 2:
+            raise CurationError(path, f"gene annotation needs 2 columns separated by {sep!r} (gene id, "
+                                      f"gene_short_name), found {table.shape[1]}; check reader option genes_sep")
+        if header:
+            first = [str(v) for v in table.iloc[0, :2]] if len(table) else []
+            if first and re.match(r"^ENS[A-Z]*G\d", first[0]):
+                raise CurationError(path, f"line 1 is a gene ({first[0]!r}), not a header such as "
+                                          "'id gene_short_name'; set reader option genes_header: false")
+            table = table.iloc[1:].reset_index(drop=True)
+        return table
 
     def _fill(self, store: _BucketStore, bar: tqdm) -> None:
         with _reading(self.path), _open_binary(self.path) as fh:
@@ -191,11 +216,27 @@ class _MixseqArchive:
     header: _MtxHeader | None = None
 
 
+#: MIX-seq experiment names (zip stems) as the authors use them (broadinstitute/mix_seq_ms src/expt_meta_data.R):
+#: ``<treatment>[_<hours>hr]_expt<batch>``, e.g. Idasanutlin_24hr_expt1, sgLACZ_expt2, DMSO_expt10.
+_MIXSEQ_STEM = re.compile(r"^(?P<treatment>.+?)(?:_(?P<time>\d+hr))?_(?P<batch>expt\d+)$")
+
+
+def _parse_mixseq_stem(stem: str) -> tuple[str, str | None, str | None]:
+    """(treatment, time point or None, experiment batch or None) of a MIX-seq zip stem; an unparsable stem is
+    its own treatment."""
+    match = _MIXSEQ_STEM.match(stem)
+    if match is None:
+        return stem, None, None
+    return match["treatment"], match["time"], match["batch"]
+
+
 class MixseqZipReader(Reader):
     """MIX-Seq archives (files: archives = list of zip paths or a directory of zips). Each zip holds,
     possibly under a folder, matrix.mtx, genes.tsv (or features.tsv), barcodes.tsv (each optionally .gz)
     and classifications.csv (with a ``barcode`` column). source_id = "<zip stem>:<barcode>"; obs carries
-    ``experiment`` (the zip stem) and the classification columns. Members are streamed, not extracted."""
+    ``experiment`` (the zip stem), ``treatment`` / ``time_point`` / ``expt_batch`` parsed from it (see
+    _MIXSEQ_STEM) and the classification columns (singlet_ID, cell_quality, …). Members are streamed, not
+    extracted."""
 
     fmt = "mixseq_zip"
     _ROLES = {"matrix": ("matrix.mtx", "matrix.mtx.gz"),
@@ -273,10 +314,13 @@ class MixseqZipReader(Reader):
             raise CurationError(where, f"no 'barcode' column (columns: {', '.join(classes.columns)})")
         _check_unique(barcodes.to_numpy(), f"{path}:{archive.barcodes}", "barcode")
         _check_unique(classes["barcode"].to_numpy(), where, "barcode")
+        treatment, time_point, expt_batch = _parse_mixseq_stem(archive.stem)
         obs = pd.DataFrame({"source_id": (archive.stem + ":" + barcodes).to_numpy(dtype=object),
-                            "experiment": archive.stem, "barcode": barcodes.to_numpy(dtype=object)})
+                            "experiment": archive.stem, "treatment": treatment, "time_point": time_point,
+                            "expt_batch": expt_batch, "barcode": barcodes.to_numpy(dtype=object)})
         extra = classes.set_index("barcode")
-        extra = extra.drop(columns=[c for c in ("source_id", "experiment") if c in extra.columns])
+        extra = extra.drop(columns=[c for c in ("source_id", "experiment", "treatment", "time_point", "expt_batch")
+                                    if c in extra.columns])
         return obs.join(extra, on="barcode")
 
     def _fill(self, store: _BucketStore, bar: tqdm) -> None:
