@@ -286,3 +286,17 @@ def test_float_noise_is_rounded_and_reported(tmp_path, gene_table):
     anndata.AnnData(X=noisy.astype(np.float32), var=pd.DataFrame(index=_ids(gene_table, 3))).write_h5ad(path)
     with pytest.raises(CurationError, match="non-integer"):
         _drain(open_reader("h5ad", {"matrix": path}, progress=False))
+
+
+def test_matrix_auto_follows_the_cellxgene_rule(tmp_path):
+    """CELLxGENE schema 5.0.0: raw counts are in raw.X unless no normalised matrix is given, then in X."""
+    counts = sp.csr_matrix(np.array([[1, 0, 3], [0, 2, 0]], dtype=np.float32))
+    var = pd.DataFrame(index=["G1", "G2", "G3"])
+    with_raw = anndata.AnnData(X=sp.csr_matrix(np.log1p(counts.toarray())), var=var)
+    with_raw.raw = anndata.AnnData(X=counts, var=var)
+    with_raw.write_h5ad(tmp_path / "raw.h5ad")
+    anndata.AnnData(X=counts, var=var).write_h5ad(tmp_path / "x.h5ad")
+    for name in ("raw.h5ad", "x.h5ad"):
+        reader = open_reader("h5ad", {"matrix": tmp_path / name}, matrix="auto", progress=False)
+        np.testing.assert_array_equal(np.vstack(_drain(reader)), counts.toarray())
+    assert open_reader("h5ad", {"matrix": tmp_path / "raw.h5ad"}, matrix="auto", progress=False).matrix == "raw"

@@ -160,7 +160,8 @@ class _H5adObs:
 
 
 class H5adReader(Reader):
-    """AnnData .h5ad (files: matrix). Options: matrix "X" | "raw" | "layers/<name>", gene_id_column
+    """AnnData .h5ad (files: matrix). Options: matrix "X" | "raw" | "auto" (raw when present, else X: the CELLxGENE
+    rule) | "layers/<name>", gene_id_column
     (var column for feature_id; None = var_names), symbol_column, allow_non_integer (default False).
 
     CSR and dense matrices are read row-slice by row-slice; a CSC matrix is transposed through the
@@ -176,17 +177,24 @@ class H5adReader(Reader):
         super().__init__(files, **common)
         self.path = files["matrix"]
         self.matrix = matrix
-        if matrix == "X":
+        if matrix in ("X", "auto"):
             self._matrix_key, var_key = "X", "var"
         elif matrix == "raw":
             self._matrix_key, var_key = "raw/X", "raw/var"
         elif isinstance(matrix, str) and matrix.startswith("layers/") and len(matrix) > len("layers/"):
             self._matrix_key, var_key = matrix, "var"
         else:
-            raise CurationError(self.path, f"reader option matrix={matrix!r}: expected 'X', 'raw' or 'layers/<name>'")
+            raise CurationError(self.path, f"reader option matrix={matrix!r}: expected 'X', 'raw', 'auto' or "
+                                           "'layers/<name>'")
         self._integer_problem = (f"matrix {matrix} holds non-integer values (normalised data?); "
                                  "set allow_normalised: true to accept")
         with _reading(self.path), h5py.File(self.path, "r") as f:
+            if matrix == "auto":
+                # CELLxGENE schema 5.0.0: raw counts are in raw.X unless no normalised matrix is given, then in X.
+                self.matrix = matrix = "raw" if ("raw/X" in f or "raw.X" in f) else "X"
+                self._matrix_key, var_key = ("raw/X", "raw/var") if matrix == "raw" else ("X", "var")
+                self._integer_problem = (f"matrix {matrix} (chosen by matrix: auto) holds non-integer values "
+                                         "(normalised data?); set allow_normalised: true to accept")
             if matrix == "raw" and self._matrix_key not in f and "raw.X" in f:
                 # anndata < 0.7 kept .raw as top-level "raw.X" / "raw.var" (read by anndata's _read_legacy_raw)
                 self._matrix_key, var_key = "raw.X", "raw.var"
