@@ -76,7 +76,8 @@ def row_sums(counts: sp.csr_matrix) -> np.ndarray:
     """
     counts = sp.csr_matrix(counts)
     rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
-    return np.bincount(rows, weights=counts.data.astype(np.float64), minlength=counts.shape[0])
+    sums = np.bincount(rows, weights=counts.data.astype(np.float64), minlength=counts.shape[0])
+    return sums.astype(np.float64, copy=False)  # bincount of an empty matrix is int64 zeros
 
 
 def invalid_rows(counts: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:

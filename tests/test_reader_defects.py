@@ -175,6 +175,8 @@ def test_row_sums_are_exact_where_float32_accumulation_is_not():
     assert float(np.asarray(m.sum(axis=1, dtype=np.float64)).ravel()[0]) != EXACT  # the scipy pitfall
     sums = qc_module.row_sums(m)
     assert sums.dtype == np.float64 and sums.tolist() == [EXACT]
+    empty = qc_module.row_sums(sp.csr_matrix((3, 4), dtype=np.float32))  # bincount alone would give int64
+    assert empty.dtype == np.float64 and empty.tolist() == [0.0, 0.0, 0.0]
 
 
 def test_qc_library_threshold_uses_the_exact_sum():
