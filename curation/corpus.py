@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from curation import schema
+from curation import intermediates, schema
 from curation.config import config_digest
 from curation.io import CurationError, atomic_path, file_digest, one_line
 
@@ -136,100 +136,24 @@ def _reference_genes(gene_table: Any | None):
 
 def _load_inputs(config: Mapping[str, Any], work_dir: Path, n_reference: int) -> list[DatasetInput]:
     """Locate and check every dataset's curated files; read the (small) removal lists."""
-    removed = _read_dedup_removals(work_dir / "dedup" / "removed.parquet")
+    removed = intermediates.read_dedup_removals(work_dir)
     inputs = []
     for name in sorted(config["datasets"]):
         spec = config["datasets"][name]
-        curated = work_dir / "curated" / name
-        samples_path = curated / "samples.parquet"
-        report_path = curated / "report.json"
-        for path in (samples_path, report_path):
-            if not path.is_file():
-                raise CurationError(path, f"missing; run `python -m curation curate --dataset {name}` first")
-        report = _read_json(report_path)
-        panel = _read_panel(report, report_path, n_reference)
-        _check_samples_schema(samples_path)
+        paths = intermediates.curated_paths(work_dir, name)
+        intermediates.require_curated(paths)
+        report = intermediates.read_report(paths.report)
+        panel = intermediates.report_panel(report, paths.report, n_reference)
+        intermediates.check_samples_columns(paths.samples, schema.SAMPLE_SCHEMA.names)
         if spec.get("phenoprint", {}).get("enabled"):
-            phenoprint_ids = _read_phenoprint(curated / "phenoprint.parquet", name)
+            phenoprint_ids = intermediates.read_phenoprint_pruned(paths)
         else:
             phenoprint_ids = pa.array([], pa.string())
         mine = removed.filter(pc.equal(removed["dataset"], name))
-        inputs.append(DatasetInput(name=name, spec=spec, samples_path=samples_path, report=report, panel=panel,
+        inputs.append(DatasetInput(name=name, spec=spec, samples_path=paths.samples, report=report, panel=panel,
                                    dedup_ids=mine["sample_id"].combine_chunks(), phenoprint_ids=phenoprint_ids,
                                    dedup_removed=mine))
     return inputs
-
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise CurationError(path, f"not valid JSON ({one_line(exc)})") from None
-    if not isinstance(data, dict):
-        raise CurationError(path, "expected a JSON object")
-    return data
-
-
-def _read_panel(report: dict, path: Path, n_reference: int) -> np.ndarray:
-    """The dataset's measured panel as sorted unique reference indices, checked against the gene table."""
-    if "panel" not in report:
-        raise CurationError(path, "no 'panel' (measured reference gene indices)")
-    panel = np.asarray(report["panel"], dtype=np.int64)
-    if panel.ndim != 1 or panel.size == 0:
-        raise CurationError(path, "'panel' must be a non-empty list of reference gene indices")
-    if panel.min() < 0 or panel.max() >= n_reference:
-        raise CurationError(path, f"'panel' has indices outside the reference gene table [0, {n_reference})")
-    if np.any(np.diff(panel) <= 0):
-        raise CurationError(path, "'panel' must be sorted and unique")
-    return panel
-
-
-def _read_parquet(path: Path) -> pa.Table:
-    """A small intermediate (removal lists) read whole; unreadable → CurationError."""
-    try:
-        return pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise CurationError(path, f"not a readable Parquet file ({one_line(exc)})") from None
-
-
-def _check_samples_schema(path: Path) -> None:
-    try:
-        names = pq.read_schema(path).names
-    except (pa.ArrowException, OSError) as exc:
-        raise CurationError(path, f"not a readable Parquet file ({one_line(exc)})") from None
-    missing = [n for n in schema.SAMPLE_SCHEMA.names if n not in names]
-    if missing:
-        raise CurationError(path, f"missing column(s) {', '.join(missing)}")
-
-
-def _read_dedup_removals(path: Path) -> pa.Table:
-    """dedup's removed.parquet: one row per removed sample (sample_id, dataset, reason, duplicate_of, …)."""
-    if not path.is_file():
-        raise CurationError(path, "missing; run `python -m curation dedup` first")
-    table = _read_parquet(path)
-    missing = [c for c in ("sample_id", "dataset", "reason") if c not in table.column_names]
-    if missing:
-        raise CurationError(path, f"missing column(s) {', '.join(missing)}")
-    if "duplicate_of_dataset" not in table.column_names:
-        table = table.append_column("duplicate_of_dataset", pa.nulls(table.num_rows, pa.string()))
-    return table.select(["sample_id", "dataset", "reason", "duplicate_of_dataset"]).cast(
-        pa.schema([(c, pa.string()) for c in ("sample_id", "dataset", "reason", "duplicate_of_dataset")]))
-
-
-def _read_phenoprint(path: Path, name: str) -> pa.Array:
-    """Sample ids that phenoprint pruned (rows with a non-empty reason)."""
-    if not path.is_file():
-        raise CurationError(path, f"missing; run `python -m curation phenoprint --dataset {name}` first "
-                                  "(or disable phenoprint for this dataset)")
-    table = _read_parquet(path)
-    if "sample_id" not in table.column_names:
-        raise CurationError(path, "missing column sample_id")
-    if "reason" in table.column_names:
-        reason = table["reason"].cast(pa.string())
-        table = table.filter(pc.and_(pc.is_valid(reason), pc.not_equal(reason, "")))
-    return table["sample_id"].cast(pa.string()).combine_chunks()
 
 
 def _iter_samples(path: Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
@@ -760,8 +684,8 @@ def _check_sample_batch(batch: pa.RecordBatch, split: str, dataset: str, panel: 
         problem("counts", "counts not finite and >= 0")
     if not np.array_equal(batch.column("n_genes_detected").to_numpy(zero_copy_only=False), lengths):
         problem("n_genes_detected", "n_genes_detected != len(gene_idx)")
-    cumulative = np.concatenate([[0.0], np.cumsum(count_values)])
-    sums = cumulative[offsets[1:]] - cumulative[offsets[:-1]]
+    # Exact: curation sums the same float32 values in the same order in float64 (curation.qc.row_sums).
+    sums = np.bincount(np.repeat(np.arange(lengths.size), lengths), weights=count_values, minlength=lengths.size)
     library_size = batch.column("library_size").to_numpy(zero_copy_only=False)
-    if not np.allclose(library_size, sums, rtol=1e-4, atol=1e-3):
-        problem("library_size", "library_size != sum(counts)")
+    if not np.array_equal(library_size, sums):
+        problem("library_size", "library_size != sum(counts) (exactly)")

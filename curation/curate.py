@@ -36,21 +36,15 @@ from tqdm.auto import tqdm
 
 from curation import readers, schema
 from curation.genes import GeneMapping, GeneTable
+from curation.intermediates import CURATED_DIR, REPORT_FILE, SAMPLES_FILE, curated_dir
 from curation.io import CurationError, SeenIds, atomic_path, file_digest
-from curation.qc import GeneDetectionCounter, QCConfig, QCTally, cell_pass_mask
+from curation.intermediates import check_panel
+from curation.qc import GeneDetectionCounter, QCConfig, QCTally, cell_pass_mask, check_sample_filter, row_sums
 
-CURATED_DIR = "curated"
-SAMPLES_FILE = "samples.parquet"
-REPORT_FILE = "report.json"
 #: Obs columns that ``spec["columns"]`` can name, in SAMPLE_SCHEMA order.
 LABEL_KEYS = ("batch", "perturbation", "cell_type", "tissue", "source_accession")
 SINGLE_BATCH = "all"
 UNKNOWN_BATCH = "unknown"
-
-
-def curated_dir(work_dir: str | Path, name: str) -> Path:
-    """Directory holding one dataset's curated intermediates."""
-    return Path(work_dir) / CURATED_DIR / name
 
 
 def curate_dataset(name: str, spec: Mapping[str, Any], work_dir: Path, gene_table: GeneTable | None = None,
@@ -96,7 +90,8 @@ def _curate(name: str, spec: Mapping[str, Any], out_dir: Path, reader: Any, gene
     if metadata_spec:
         metadata = readers.load_metadata_table(metadata_spec["file"], metadata_spec["key"], metadata_spec.get("sep"))
         metadata.index = metadata.index.astype(str)
-    chunks = _ChunkSource(reader, mapping, metadata, columns, qc, chunk_size, where)
+    sample_filter = check_sample_filter(spec.get("sample_filter"), f"datasets.{name}.sample_filter")
+    chunks = _ChunkSource(reader, mapping, metadata, columns, qc, chunk_size, where, sample_filter)
 
     # Pass 1: QC statistics.
     tally = QCTally()
@@ -111,8 +106,17 @@ def _curate(name: str, spec: Mapping[str, Any], out_dir: Path, reader: Any, gene
     if metadata is not None and tally.n_input and n_metadata_matched == 0:
         raise CurationError(metadata_spec["file"], f"no {metadata_spec['key']!r} value matches a sample ID of "
                                                    f"dataset {name} (e.g. {seen_ids.first!r})")
+    if tally.n_passed == 0:  # fail here, not at build-corpus, and before anything is written
+        dropped = ", ".join(f"{reason}: {n}" for reason, n in tally.dropped().items() if n) or "none"
+        raise CurationError(where, f"QC kept 0 of {tally.n_input} samples (dropped {dropped}); check the reader "
+                                   f"options and qc (min_genes_per_cell = {qc.min_genes_per_cell}, "
+                                   f"min_library_size = {qc.min_library_size:g})")
     panel_columns = np.flatnonzero(detection.kept(qc.min_cells_per_gene))
     panel = mapping.genes[panel_columns]
+    if panel.size == 0:
+        raise CurationError(where, f"empty gene panel: no gene is detected in min_cells_per_gene = "
+                                   f"{qc.min_cells_per_gene} of the {tally.n_passed} passing samples")
+    panel = check_panel(panel, where)  # the check every later step applies to report.json
 
     # Pass 2: write the passing samples restricted to the panel.
     samples_path = out_dir / SAMPLES_FILE
@@ -142,6 +146,7 @@ def _curate(name: str, spec: Mapping[str, Any], out_dir: Path, reader: Any, gene
         "n_samples": tally.n_passed,
         "dropped": tally.dropped(),
         "qc": qc.to_dict(),
+        "sample_filter": sample_filter or None,
         "n_genes_mapped": int(len(mapping.genes)),
         "n_genes_panel": int(len(panel)),
         "panel": panel.astype(int).tolist(),
@@ -153,6 +158,8 @@ def _curate(name: str, spec: Mapping[str, Any], out_dir: Path, reader: Any, gene
         "n_control": labels.n_control,
         "n_batches": len(labels.batches),
         "chunk_size": int(chunk_size),
+        # Values within float noise of an integer that the reader rounded (pass 2; see curation.readers).
+        "integer_rounding": dict(getattr(reader, "rounding", None) or {"n_values_rounded": 0, "max_abs_change": 0.0}),
         "source_files": _source_files(spec["files"]),
     }
     with atomic_path(out_dir / REPORT_FILE) as tmp:
@@ -182,6 +189,7 @@ class _ChunkSource:
     qc: QCConfig
     chunk_size: int
     where: str
+    sample_filter: dict = field(default_factory=dict)
     _checked_columns: bool = field(default=False, init=False)
 
     def iterate(self, desc: str, progress: bool) -> Iterator[_QCChunk]:
@@ -206,7 +214,8 @@ class _ChunkSource:
             _check_label_columns(obs, self.columns, self.where)
             self._checked_columns = True
         counts, _ = self.mapping.harmonise(raw)
-        passed, reasons = cell_pass_mask(counts, self.qc, raw=raw)
+        excluded = sample_filter_mask(obs, self.sample_filter, self.where) if self.sample_filter else None
+        passed, reasons = cell_pass_mask(counts, self.qc, raw=raw, excluded=excluded)
         return _QCChunk(counts, obs, passed, reasons, n_matched)
 
 
@@ -269,6 +278,21 @@ def _as_labels(values: pd.Series) -> np.ndarray:
     return np.array([None if v is None else str(v) for v in labels], dtype=object)
 
 
+def sample_filter_mask(obs: pd.DataFrame, sample_filter: Mapping[str, Mapping[str, list[str]]], where: str
+                       ) -> np.ndarray:
+    """(n_samples,) bool: the samples of ``obs`` that a normalised ``sample_filter`` (qc.check_sample_filter)
+    removes. Values compare as the stored labels do (:func:`_as_labels`: a float column's 1.0 is "1")."""
+    excluded = np.zeros(len(obs), dtype=bool)
+    for kind in ("keep", "drop"):
+        for column, values in sample_filter.get(kind, {}).items():
+            if column not in obs.columns:
+                raise CurationError(where, f"sample_filter.{kind}: no sample column {column!r} (columns: "
+                                           f"{', '.join(map(str, obs.columns))})")
+            listed = np.isin(_as_labels(obs[column]), np.asarray(values, dtype=object))
+            excluded |= ~listed if kind == "keep" else listed
+    return excluded
+
+
 def _sample_table(name: str, spec: Mapping[str, Any], counts: sp.csr_matrix, panel: np.ndarray,
                   obs: pd.DataFrame, columns: Mapping[str, str | None]) -> pa.Table:
     """SAMPLE_SCHEMA rows for passing samples. ``counts``: (n × len(panel)) CSR, columns = ``panel`` indices."""
@@ -306,7 +330,7 @@ def _sample_table(name: str, spec: Mapping[str, Any], counts: sp.csr_matrix, pan
         "source_accession": pa.array(accession, type=pa.string()),
         "gene_idx": pa.ListArray.from_arrays(offsets, pa.array(gene_idx, type=pa.int32())),
         "counts": pa.ListArray.from_arrays(offsets, pa.array(values, type=pa.float32())),
-        "library_size": pa.array(np.asarray(counts.sum(axis=1, dtype=np.float64)).ravel(), type=pa.float64()),
+        "library_size": pa.array(row_sums(counts), type=pa.float64()),
         "n_genes_detected": pa.array(np.diff(indptr).astype(np.int32), type=pa.int32()),
         "content_hash": pa.array(hashes, type=pa.string()),
     }
@@ -350,12 +374,13 @@ class _LabelStats:
     n_control: int = 0
     batches: set = field(default_factory=set)
 
-    def add(self, table: pa.Table, control_label: str | None) -> None:
+    def add(self, table: pa.Table, control_label: str | list[str] | None) -> None:
         self.n_samples += table.num_rows
         self.batches.update(table.column("batch").unique().to_pylist())
-        if control_label is not None:
+        if control_label:
+            labels = [control_label] if isinstance(control_label, str) else list(control_label)
             perturbation = table.column("perturbation").to_numpy(zero_copy_only=False)
-            self.n_control += int((perturbation == control_label).sum())
+            self.n_control += int(np.isin(perturbation, np.asarray(labels, dtype=object)).sum())
 
 
 def _source_files(files: Mapping[str, Any]) -> list[dict]:
@@ -373,4 +398,4 @@ def _source_files(files: Mapping[str, Any]) -> list[dict]:
     return out
 
 
-__all__ = ["curate_dataset", "curated_dir", "SAMPLES_FILE", "REPORT_FILE"]
+__all__ = ["curate_dataset", "curated_dir", "CURATED_DIR", "SAMPLES_FILE", "REPORT_FILE"]

@@ -132,6 +132,9 @@ def _fetch_http(url: str, part: Path, expected: Expected, retries: int, backoff_
                 if resp.status_code in (404, 401, 403, 410):
                     raise DownloadError(f"{url}: HTTP {resp.status_code} {resp.reason}")
                 resp.raise_for_status()
+                if resp.status_code not in (200, 206):  # e.g. figshare+ "202 Accepted" while it prepares a file
+                    raise DownloadError(f"{url}: HTTP {resp.status_code} {resp.reason} is not a file download "
+                                        "(for figshare+ use the ndownloader file URL)")
                 resumed = resp.status_code == 206
                 if have and not resumed:
                     have = 0  # server ignored Range: start over
@@ -143,6 +146,8 @@ def _fetch_http(url: str, part: Path, expected: Expected, retries: int, backoff_
                         fh.write(block)
                         bar.update(len(block))
                 got = part.stat().st_size
+                if got == 0:
+                    raise DownloadError(f"{url}: HTTP {resp.status_code} with an empty body; nothing was downloaded")
                 if total is not None and got < total:
                     raise requests.exceptions.ChunkedEncodingError(f"connection closed at {got} of {total} bytes")
                 return

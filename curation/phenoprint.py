@@ -30,7 +30,9 @@ import scipy.sparse as sp
 from sklearn.decomposition import IncrementalPCA
 from tqdm.auto import tqdm
 
+from curation.intermediates import PHENOPRINT_PRUNED_FILE, PHENOPRINT_SUMMARY_FILE, curated_paths, load_panel
 from curation.io import CurationError, atomic_path
+from curation.qc import row_sums
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,8 @@ PHENOPRINT_SCHEMA = pa.schema([
     pa.field("perturbation", pa.string()),
     pa.field("reason", pa.string(), nullable=False),
 ])
-PRUNED_FILE = "phenoprint.parquet"
-SUMMARY_FILE = "phenoprint.json"
+PRUNED_FILE = PHENOPRINT_PRUNED_FILE  # names kept for callers of this module
+SUMMARY_FILE = PHENOPRINT_SUMMARY_FILE
 
 TARGET_SUM = 1e4  # library-size normalisation target (counts per 10k)
 #: Floor on a gene's control standard deviation (log1p CP10k units), so near-constant genes do not explode.
@@ -224,18 +226,6 @@ def perturbation_consistency(emb_iter: Iterable[tuple[np.ndarray, np.ndarray]], 
 
 # ------------------------------------------------------------------------------- curated-dataset reading
 
-def _read_panel(report: Path) -> np.ndarray:
-    try:
-        panel = np.asarray(json.loads(report.read_text())["panel"], dtype=np.int64)
-    except FileNotFoundError:
-        raise CurationError(report, "curation report not found") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise CurationError(report, f"no valid 'panel' list of reference gene indices ({exc!r})") from None
-    if panel.ndim != 1 or panel.size == 0 or np.any(np.diff(panel) <= 0):
-        raise CurationError(report, "'panel' must be a non-empty sorted list of unique gene indices")
-    return panel
-
-
 def _batch_to_csr(batch: pa.RecordBatch, panel: np.ndarray, where: Path) -> sp.csr_matrix:
     """Expression of a record batch as csr (n_cells, n_panel_genes) float32 raw counts, columns = panel order."""
     idx_col, cnt_col = batch.column("gene_idx"), batch.column("counts")
@@ -274,7 +264,7 @@ def log_normalise(counts: sp.csr_matrix, target_sum: float = TARGET_SUM) -> sp.c
 
     Shared with the evaluation harness (txfm.evaluate), whose Lib+Log baseline is the same transform.
     """
-    library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    library = row_sums(counts)
     scale = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0)
     out = sp.csr_matrix(counts, dtype=np.float64, copy=True)
     out.data *= np.repeat(scale, np.diff(out.indptr))
@@ -429,8 +419,8 @@ def run_phenoprint(name: str, spec: dict, work_dir: Path, seed: int = 0, *, embe
     ``embed_fn`` replaces the default control-PCA embedding (e.g. a txfm checkpoint); see :data:`EmbedFn`.
     Returns the summary written to phenoprint.json.
     """
-    out_dir = Path(work_dir) / "curated" / name
-    samples = out_dir / "samples.parquet"
+    paths = curated_paths(work_dir, name)
+    out_dir, samples = paths.directory, paths.samples
     settings = spec.get("phenoprint") or {}
     enabled = bool(settings) and bool(settings.get("enabled", True))
     summary: dict = {"dataset": name, "enabled": enabled}
@@ -444,7 +434,7 @@ def run_phenoprint(name: str, spec: dict, work_dir: Path, seed: int = 0, *, embe
         raise CurationError(None, f"dataset {name!r}: phenoprint needs 'control_label' in its config")
     p_threshold = float(settings.get("p_threshold", 0.1))
     n_null = int(settings.get("n_null", 1000))
-    panel = _read_panel(out_dir / "report.json")
+    panel = load_panel(paths.report)
     chunks = _Chunks(samples, panel, progress)
     is_control = _control_matcher(control_label)
 

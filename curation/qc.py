@@ -22,8 +22,9 @@ import scipy.sparse as sp
 
 from curation.io import CurationError
 
-#: Why a sample is dropped; a sample failing several checks counts under the first one.
-DROP_REASONS = ("non_finite", "negative", "low_genes", "low_library")
+#: Why a sample is dropped; a sample failing several checks counts under the first one. ``excluded``: removed
+#: by the dataset's ``sample_filter`` (e.g. MIX-seq doublets, an assay family), before any count-based check.
+DROP_REASONS = ("excluded", "non_finite", "negative", "low_genes", "low_library")
 
 _DEFAULTS: dict[str, dict[str, float]] = {
     "single_cell": {"min_genes_per_cell": 2000, "min_cells_per_gene": 1000, "min_library_size": 0},
@@ -65,6 +66,20 @@ class QCConfig:
         return asdict(self)
 
 
+def row_sums(counts: sp.csr_matrix) -> np.ndarray:
+    """Per-row sums of a CSR matrix, float64 (n_rows,), accumulated in float64 in stored order.
+
+    Exact for integer counts (up to 2**53). ``csr.sum(axis=1, dtype=np.float64)`` is NOT: scipy multiplies by
+    a ones vector of the matrix's own dtype first, so float32 counts are summed in float32 (a 17M-read bulk
+    sample comes out off by a few reads). Every library size in curation and validation uses this function,
+    so the same counts always give bit-identical sums.
+    """
+    counts = sp.csr_matrix(counts)
+    rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+    sums = np.bincount(rows, weights=counts.data.astype(np.float64), minlength=counts.shape[0])
+    return sums.astype(np.float64, copy=False)  # bincount of an empty matrix is int64 zeros
+
+
 def invalid_rows(counts: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     """Rows of ``counts`` (n_samples × n_features) holding a non-finite / a negative value: two (n_samples,) bool."""
     counts = sp.csr_matrix(counts)
@@ -77,12 +92,13 @@ def invalid_rows(counts: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return non_finite, negative
 
 
-def cell_pass_mask(chunk: sp.csr_matrix, qc: QCConfig, raw: sp.csr_matrix | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def cell_pass_mask(chunk: sp.csr_matrix, qc: QCConfig, raw: sp.csr_matrix | None = None,
+                   excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Which samples of ``chunk`` pass the cell filter.
 
     ``chunk``: (n_samples × n_mapped_genes) harmonised counts; ``raw``: the same samples' unharmonised
-    (n_samples × n_features) counts, checked for non-finite / negative values (``chunk`` itself when None).
+    (n_samples × n_features) counts, checked for non-finite / negative values (``chunk`` itself when None);
+    ``excluded``: (n_samples,) bool, samples removed by the dataset's sample_filter (see :func:`sample_filter_mask`).
     Returns ``mask`` (n_samples,) bool and ``reasons`` (n_samples,) str: "" for a passing sample, else the first
     failing entry of :data:`DROP_REASONS`.
     """
@@ -92,14 +108,40 @@ def cell_pass_mask(chunk: sp.csr_matrix, qc: QCConfig, raw: sp.csr_matrix | None
         raise ValueError(f"cell_pass_mask: raw has {source.shape[0]} rows, chunk has {chunk.shape[0]}")
     non_finite, negative = invalid_rows(source)
     detected = np.diff(sp.csr_matrix(chunk > 0).indptr)
-    library = np.asarray(chunk.sum(axis=1, dtype=np.float64)).ravel()
+    library = row_sums(chunk)
     reasons = np.full(chunk.shape[0], "", dtype=f"<U{max(map(len, DROP_REASONS))}")
     # Assign in reverse order so that the first failing reason is the one that sticks.
     reasons[library < qc.min_library_size] = "low_library"
     reasons[detected < qc.min_genes_per_cell] = "low_genes"
     reasons[negative] = "negative"
     reasons[non_finite] = "non_finite"
+    if excluded is not None:
+        reasons[np.asarray(excluded, dtype=bool)] = "excluded"
     return reasons == "", reasons
+
+
+def check_sample_filter(spec: Mapping[str, Any] | None, where: str) -> dict[str, dict[str, list[str]]]:
+    """Validate ``sample_filter: {keep: {column: [values]}, drop: {column: [values]}}``; returns it normalised.
+
+    A sample is kept when, for every ``keep`` column, its value is listed, and for no ``drop`` column its value
+    is listed. Values compare as strings (a numeric column's 1 matches "1").
+    """
+    spec = dict(spec or {})
+    unknown = sorted(set(spec) - {"keep", "drop"})
+    if unknown:
+        raise CurationError(None, f"{where}: unknown key(s) {', '.join(unknown)} (expected keep, drop)")
+    out: dict[str, dict[str, list[str]]] = {}
+    for kind in ("keep", "drop"):
+        rules = spec.get(kind) or {}
+        if not isinstance(rules, Mapping):
+            raise CurationError(None, f"{where}.{kind}: expected a mapping column -> list of values")
+        out[kind] = {}
+        for column, values in rules.items():
+            values = [values] if isinstance(values, str) else list(values or [])
+            if not values:
+                raise CurationError(None, f"{where}.{kind}.{column}: empty list of values")
+            out[kind][str(column)] = [str(v) for v in values]
+    return out
 
 
 class GeneDetectionCounter:
@@ -132,6 +174,7 @@ class QCTally:
 
     n_input: int = 0
     n_passed: int = 0
+    excluded: int = 0
     non_finite: int = 0
     negative: int = 0
     low_genes: int = 0

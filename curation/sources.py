@@ -94,7 +94,8 @@ FETCH_SCHEMA: dict[str, Any] = {
                                                               "members": {"type": "array", "items": _NAME}}}},
         "url": _NAME, "api_url": _NAME, "base_url": _NAME,
         "article_id": {"type": ["integer", "string"]},
-        "collection_id": _NAME, "dataset_id": _NAME, "title": _NAME, "filetype": _NAME, "name": _NAME,
+        "collection_id": _NAME, "dataset_id": _NAME, "dataset_version_id": _NAME, "title": _NAME, "filetype": _NAME,
+        "name": _NAME, "cell_count": {"type": "integer", "minimum": 0},
         "filters": {"type": "object"}, "dir": _NAME, "sample_sheet": _NAME,
         "page_size": {"type": "integer", "minimum": 1}, "max_files": {"type": "integer", "minimum": 1},
         "accession": {"type": "string", "pattern": "^(GSE|GSM)[0-9]+$"},
@@ -105,7 +106,8 @@ FETCH_SCHEMA: dict[str, Any] = {
         {"if": {"properties": {"kind": {"const": "mirror"}}}, "then": {"required": ["url"]}},
         {"if": {"properties": {"kind": {"const": "figshare"}}}, "then": {"required": ["article_id"]}},
         {"if": {"properties": {"kind": {"const": "cellxgene"}}},
-         "then": {"required": ["collection_id", "name"], "anyOf": [{"required": ["dataset_id"]}, {"required": ["title"]}]}},
+         "then": {"required": ["collection_id", "name"],
+                  "anyOf": [{"required": ["dataset_id"]}, {"required": ["dataset_version_id"]}, {"required": ["title"]}]}},
         {"if": {"properties": {"kind": {"const": "gdc"}}}, "then": {"required": ["filters"]}},
         {"if": {"properties": {"kind": {"const": "geo"}}}, "then": {"required": ["accession", "files"]}},
     ],
@@ -360,13 +362,20 @@ def resolve_figshare(spec: Mapping[str, Any], session: requests.Session) -> Reso
 
 
 def resolve_cellxgene(spec: Mapping[str, Any], session: requests.Session) -> Resolution:
-    """CELLxGENE collection → one dataset's H5AD asset (``dataset_id``, or the one dataset whose title contains
-    ``title``, case-insensitive) via ``GET /collections/<id>``; saved as ``name``."""
+    """CELLxGENE collection → one dataset's H5AD asset via ``GET /collections/<id>``; saved as ``name``.
+
+    The dataset is chosen by ``dataset_version_id`` (a pinned version: an error once the collection has
+    replaced it), else ``dataset_id``, else the one dataset whose title contains ``title`` (case-insensitive).
+    ``cell_count``, when given, must equal the dataset's published cell count.
+    """
     api = spec.get("api_url", CELLXGENE_API).rstrip("/")
     url = f"{api}/collections/{spec['collection_id']}"
     collection = _get_json(session, url)
     datasets = collection.get("datasets") or []
-    if "dataset_id" in spec:
+    if "dataset_version_id" in spec:
+        chosen = [d for d in datasets if d.get("dataset_version_id") == spec["dataset_version_id"]]
+        what = f"dataset_version_id {spec['dataset_version_id']} (pinned; a revised dataset gets a new version id)"
+    elif "dataset_id" in spec:
         chosen = [d for d in datasets if d.get("dataset_id") == spec["dataset_id"]]
         what = f"dataset_id {spec['dataset_id']}"
     else:
@@ -376,6 +385,9 @@ def resolve_cellxgene(spec: Mapping[str, Any], session: requests.Session) -> Res
         titles = "; ".join(f"{d.get('dataset_id')} {d.get('title')!r}" for d in datasets[:10])
         raise CurationError(url, f"{len(chosen)} datasets match {what} (collection has: {titles})")
     dataset = chosen[0]
+    if "cell_count" in spec and dataset.get("cell_count") != spec["cell_count"]:
+        raise CurationError(url, f"dataset {dataset.get('dataset_id')} has {dataset.get('cell_count')} cells, the "
+                                 f"manifest expects {spec['cell_count']}")
     filetype = spec.get("filetype", "H5AD")
     assets = [a for a in dataset.get("assets") or [] if a.get("filetype") == filetype]
     if not assets:

@@ -946,8 +946,9 @@ def write_geo_table_source(ds: SimulatedDataset, out_dir: Path, seed: int) -> No
 
 
 def write_sciplex_source(ds: SimulatedDataset, out_dir: Path, seed: int) -> None:
-    """sci-Plex GEO files: unsorted 1-based ``gene_row<TAB>cell_col<TAB>count`` triplets, gene and cell
-    annotations (no headers), plus a cell metadata CSV parsed from the sample names."""
+    """sci-Plex GEO files as published for GSM4150378: unsorted 1-based ``gene_row<TAB>cell_col<TAB>count``
+    triplets; the gene annotations SPACE-separated under a header line ``id gene_short_name`` (scPerturb issue
+    #7; tests/fixtures/sciplex3/); cell annotations tab-separated without a header; plus a cell metadata CSV."""
     files = ds.spec["files"]
     coo = sp.coo_matrix(_integer_counts(ds))
     order = np.random.default_rng([seed, 103]).permutation(coo.nnz)  # GEO triplets are not sorted by cell
@@ -955,7 +956,8 @@ def write_sciplex_source(ds: SimulatedDataset, out_dir: Path, seed: int) -> None
     with _gzip_text(out_dir / files["matrix"]) as fh:
         pd.DataFrame(triplets).to_csv(fh, sep="\t", header=False, index=False, lineterminator="\n")
     with _gzip_text(out_dir / files["genes"]) as fh:
-        ds.features[["feature_id", "symbol"]].to_csv(fh, sep="\t", header=False, index=False, lineterminator="\n")
+        genes = ds.features[["feature_id", "symbol"]].set_axis(["id", "gene_short_name"], axis=1)
+        genes.to_csv(fh, sep=" ", header=True, index=False, lineterminator="\n")
     with _gzip_text(out_dir / files["cells"]) as fh:
         ds.obs[["cell", "sample"]].to_csv(fh, sep="\t", header=False, index=False, lineterminator="\n")
     _write_metadata(ds, out_dir, ["cell", "sample", "compound", "dose_nM", "plate", "cell_line"])

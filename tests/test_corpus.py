@@ -279,3 +279,19 @@ def test_remap_gene_idx_handles_sliced_lists():
     assert ok and remapped.to_pylist() == [[0], [], [1, 2]]
     _, ok = remap_gene_idx(pa.array([[3]], pa.list_(pa.int32())), lookup)
     assert not ok
+
+
+def test_validate_requires_exact_library_sizes(built):
+    """library_size must equal the float64 sum of counts exactly (it used to pass within rtol 1e-4)."""
+    corpus, manifest, _, _ = built
+    entry = next(s for s in manifest["shards"] if "split=train/dataset=alpha" in s["path"])
+    shard = corpus / entry["path"]
+    rows = pq.read_table(shard, schema=schema.SAMPLE_SCHEMA).to_pylist()
+    for row, error in ((rows[0], 0.0), (rows[1], 1.0)):  # row 0 exact, row 1 off by one read in ~17M
+        row["counts"] = [16_777_216.0] + [1.0] * (len(row["counts"]) - 1)
+        row["library_size"] = 16_777_216.0 + len(row["counts"]) - 1 + error
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema.SAMPLE_SCHEMA), shard)
+    entry.update(bytes=shard.stat().st_size, sha256=corpus_mod.file_digest(shard))
+    (corpus / schema.MANIFEST_FILE).write_text(json.dumps(manifest))
+    problems = [p for p in validate_corpus(corpus) if "library_size" in p]
+    assert len(problems) == 1 and "library_size != sum(counts)" in problems[0], problems

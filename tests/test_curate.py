@@ -86,7 +86,7 @@ def expected_curation(src: Source, qc: dict) -> tuple[np.ndarray, np.ndarray, np
     for j, r in enumerate(src.feature_ref):
         if r >= 0:
             summed[:, np.searchsorted(mapped_refs, r)] += src.dense[:, j]
-    dropped = {"non_finite": 0, "negative": 0, "low_genes": 0, "low_library": 0}
+    dropped = {"excluded": 0, "non_finite": 0, "negative": 0, "low_genes": 0, "low_library": 0}
     passing = []
     for i in range(len(src.dense)):
         if not np.isfinite(src.dense[i]).all():
@@ -247,8 +247,24 @@ def test_nan_samples_dropped_and_counted(gene_table, tmp_path, monkeypatch):
                         lambda fmt, files, **options: FakeReader(feature_ids, [(dense, ["s1", "s2", "s3", "s4"])]))
     spec = {"modality": "bulk", "format": "geo_table", "files": {"matrix": "/data/t.csv"}}
     report = curate_dataset("nan", spec, tmp_path, gene_table=gene_table, progress=False)
-    assert report["dropped"] == {"non_finite": 2, "negative": 0, "low_genes": 0, "low_library": 0}
+    assert report["dropped"] == {"excluded": 0, "non_finite": 2, "negative": 0, "low_genes": 0, "low_library": 0}
     table = read_samples(tmp_path, "nan")
     assert table.column("sample_id").to_pylist() == ["nan:s1", "nan:s4"]
     assert table.column("gene_idx").to_pylist() == [[0, 1, 3], []]
     assert table.column("library_size").to_pylist() == [4.0, 0.0]
+
+
+def test_sample_filter_keeps_and_drops_by_obs_values(source, gene_table, tmp_path):
+    """sample_filter removes samples by label before QC (MIX-seq doublets, one GBmap assay family)."""
+    spec = {**source.spec, "sample_filter": {"keep": {"gene": ["TP53", "non-targeting"]},
+                                             "drop": {"gem_group": [1]}}}
+    report = curate_dataset("filtered", spec, tmp_path, gene_table=gene_table, progress=False)
+    obs = source.obs
+    excluded = ~obs["gene"].isin(["TP53", "non-targeting"]).to_numpy() | (obs["gem_group"] == 1).to_numpy()
+    assert report["dropped"]["excluded"] == int(excluded.sum()) > 0
+    kept = set(read_samples(tmp_path, "filtered").column("sample_id").to_pylist())
+    assert not kept & {f"filtered:{i}" for i in obs.index[excluded]}
+    assert report["sample_filter"] == {"keep": {"gene": ["TP53", "non-targeting"]}, "drop": {"gem_group": ["1"]}}
+    with pytest.raises(CurationError, match=r"screen.h5ad: sample_filter.drop: no sample column 'assay'"):
+        curate_dataset("bad", {**source.spec, "sample_filter": {"drop": {"assay": ["Smart-seq2"]}}}, tmp_path,
+                       gene_table=gene_table, progress=False)

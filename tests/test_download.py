@@ -28,6 +28,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 (http.server API)
         type(self).requests_seen.append({"path": self.path, "range": self.headers.get("Range")})
+        if self.path in ("/accepted.bin", "/empty.bin"):  # figshare+ landing links: 202 (or 200) and no body
+            self.send_response(202 if self.path == "/accepted.bin" else 200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path not in ("/data.bin", "/flaky.bin"):
             self.send_error(404, "Not Found")
             return
@@ -136,3 +141,20 @@ def test_extract_tar_ok(tmp_path):
     out = extract_archive(tgz, tmp_path / "x")
     assert (out / "data" / "genes.tsv").read_bytes() == b"abc"
     assert extract_archive(tgz, tmp_path / "x") == out  # idempotent
+
+
+@pytest.mark.parametrize("path,fragment", [("/accepted.bin", "HTTP 202"), ("/empty.bin", "empty body")])
+def test_2xx_with_an_empty_body_is_an_error_not_a_file(server, tmp_path, path, fragment):
+    """figshare+ article links answer 202 Accepted with no body; that used to be saved as a 0-byte 'download'."""
+    dest = tmp_path / "x.h5ad"
+    with pytest.raises(DownloadError) as err:
+        download(f"{server}{path}", dest, progress=False, backoff_s=0.01, retries=1)
+    assert fragment in str(err.value) and f"{server}{path}" in str(err.value) and "\n" not in str(err.value)
+    assert not dest.exists()
+
+
+def test_short_body_against_the_expected_size_is_an_error(server, tmp_path):
+    dest = tmp_path / "short.bin"
+    with pytest.raises(DownloadError, match="size mismatch|failed after"):
+        download(f"{server}/data.bin", dest, {"size": len(PAYLOAD) + 10}, progress=False, backoff_s=0.01, retries=1)
+    assert not dest.exists()

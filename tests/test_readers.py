@@ -330,14 +330,28 @@ def test_sciplex_triplets_round_trip(tmp_path):
     triplets = "".join(f"{g + 1}\t{c + 1}\t{counts[c, g]}\n" for c, g in zip(cells[order], rows[order]))
     names = [f"A01_E09_RT_BC_{i}_Lig_BC_1" for i in range(29)]
     files = {"matrix": write_text(tmp_path / "x_UMI.count.matrix.gz", triplets, compress=True),
-             "genes": write_text(tmp_path / "x_gene.annotations.txt.gz",
-                                 "".join(f"{g}\tSYM{i}\n" for i, g in enumerate(gene_ids(10))), compress=True),
+             # GEO layout: space-separated with a header line (see tests/fixtures/sciplex3/README.md)
+             "genes": write_text(tmp_path / "x_gene.annotations.txt.gz", "id gene_short_name\n" +
+                                 "".join(f"{g} SYM{i}\n" for i, g in enumerate(gene_ids(10))), compress=True),
              "cells": write_text(tmp_path / "x_cell.annotations.txt.gz",
                                  "".join(f"{n}\tplate{i % 3}\n" for i, n in enumerate(names)), compress=True)}
     reader = open_reader("sciplex_triplets", files, progress=False)
     obs = assert_round_trip(reader, counts, names)
     assert obs["sample"].tolist() == [f"plate{i % 3}" for i in range(29)]
     assert reader.features["symbol"].tolist() == [f"SYM{i}" for i in range(10)]
+    # A header-less, tab-separated gene table needs the options; read as GEO's layout it is refused, not shifted.
+    headerless = write_text(tmp_path / "y_gene.annotations.txt",
+                            "".join(f"{g}\tSYM{i}\n" for i, g in enumerate(gene_ids(10))))
+    with pytest.raises(CurationError) as err:
+        open_reader("sciplex_triplets", {**files, "genes": headerless}, progress=False)
+    assert_one_line_error(err, "y_gene.annotations.txt", "genes_sep")
+    spaced = write_text(tmp_path / "z_gene.annotations.txt", "".join(f"{g} SYM{i}\n" for i, g in enumerate(gene_ids(10))))
+    with pytest.raises(CurationError) as err:
+        open_reader("sciplex_triplets", {**files, "genes": spaced}, progress=False)
+    assert_one_line_error(err, "z_gene.annotations.txt", "not a header", "genes_header: false")
+    plain = open_reader("sciplex_triplets", {**files, "genes": headerless}, genes_sep="\t", genes_header=False,
+                        progress=False)
+    assert plain.features["feature_id"].tolist() == gene_ids(10)
 
 
 def write_mixseq_zip(path: Path, counts: np.ndarray, barcodes: list[str], extra_members: dict[str, str] = ()) -> None:
@@ -365,8 +379,18 @@ def test_mixseq_zip_round_trip(tmp_path):
     # classifications are joined by barcode, not by position (they are written in reverse order)
     assert obs["singlet_ID"].tolist()[:2] == ["CL0", "CL3"]
     assert obs["barcode"].tolist() == bc1 + bc2
+    assert obs["treatment"].tolist() == ["expt1_DMSO_24hr"] * 13 + ["expt2_trametinib"] * 9  # not <x>_expt<n>
     as_list = open_reader("mixseq_zip", {"archives": [tmp_path / "expt2_trametinib.zip"]}, progress=False)
     assert_round_trip(as_list, second, [f"expt2_trametinib:{b}" for b in bc2])
+
+
+@pytest.mark.parametrize("stem,parsed", [("Idasanutlin_24hr_expt1", ("Idasanutlin", "24hr", "expt1")),
+                                         ("sgGPX4_1_expt2", ("sgGPX4_1", None, "expt2")),
+                                         ("DMSO_expt10", ("DMSO", None, "expt10")),
+                                         ("trametinib_tc_expt5", ("trametinib_tc", None, "expt5"))])
+def test_mixseq_stem_gives_treatment_time_and_batch(stem, parsed):
+    from curation.readers.mtx import _parse_mixseq_stem  # names from broadinstitute/mix_seq_ms expt_meta_data.R
+    assert _parse_mixseq_stem(stem) == parsed
 
 
 def test_load_metadata_table(tmp_path):

@@ -163,6 +163,16 @@ def test_cellxgene_by_dataset_id_records_the_version(api):
     assert res.record["dataset_version_id"] == "v-core-2" and res.record["collection_version_id"] == "cv-7"
 
 
+def test_cellxgene_pinned_version_and_cell_count(api):
+    spec = {"kind": "cellxgene", "api_url": f"{api}/cxg", "collection_id": "coll-1", "name": "x.h5ad"}
+    res = resolve({**spec, "dataset_version_id": "v-core-2", "cell_count": 5})
+    assert res.record["dataset_id"] == "ds-core"
+    with pytest.raises(CurationError, match=r"0 datasets match dataset_version_id v-core-1 \(pinned"):
+        resolve({**spec, "dataset_version_id": "v-core-1"})  # superseded version: fail, never fetch another
+    with pytest.raises(CurationError, match="has 5 cells, the manifest expects 6"):
+        resolve({**spec, "dataset_version_id": "v-core-2", "cell_count": 6})
+
+
 def test_cellxgene_title_must_match_exactly_one_dataset(api):
     spec = {"kind": "cellxgene", "api_url": f"{api}/cxg", "collection_id": "coll-1", "name": "x.h5ad"}
     assert resolve({**spec, "title": "core"}).record["dataset_id"] == "ds-core"
