@@ -1,6 +1,6 @@
 """Peak memory and throughput of `curate` on large simulated h5ad files: memory must not grow with cells.
 
-For each requested size, writes a simulated raw-count h5ad (streamed, ``curation.simulate.write_large_h5ad``)
+For each requested size, writes a simulated raw-count h5ad (streamed, ``simulation.sources.write_large_h5ad``)
 into a temporary directory and curates it in a fresh child process, which reports its own peak resident set
 size (``getrusage(RUSAGE_SELF).ru_maxrss``) — so every size is measured alone, interpreter and imports
 included. Prints a table and the ratio of the largest run's peak to the smallest's (goal ≤ 1.2).
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _measure(directory: Path, n_cells: int, args: argparse.Namespace) -> dict:
     """Simulate one file, curate it in a child process; returns the row of the result table."""
-    from curation.simulate import write_large_h5ad
+    from simulation.sources import write_large_h5ad
 
     directory.mkdir(parents=True)
     matrix = directory / "cells.h5ad"

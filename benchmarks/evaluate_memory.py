@@ -1,6 +1,6 @@
 """Peak memory of `txfm evaluate` (Lib+Log and HVG+PCA) on large simulated screens: it must not grow with cells.
 
-For each requested size, writes a simulated CRISPR screen with planted modules (``txfm.evaluate.simulate``,
+For each requested size, writes a simulated CRISPR screen with planted modules (``simulation.screen``,
 streamed to an h5ad, ``--genes`` genes) and its planted relationship database into a temporary directory,
 then evaluates it in a fresh child process (``run_evaluation`` with the ``liblog`` and ``hvg_pca`` embedders,
 the screen read backed), which reports its own peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``,
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _measure(directory: Path, n_cells: int, args: argparse.Namespace) -> dict:
     """Simulate one screen (in this process), evaluate it in a child process; returns the table row."""
-    from txfm.evaluate.simulate import plan_screen, write_relationships, write_screen_h5ad
+    from simulation.screen import plan_screen, write_relationships, write_screen_h5ad
 
     directory.mkdir(parents=True)
     plan = plan_screen(n_cells=n_cells, n_genes=args.genes, n_modules=args.modules, genes_per_module=8,
@@ -70,7 +70,7 @@ def _child(job_path: Path) -> int:
 
     from curation.io import limit_heap_fragmentation
     from txfm.evaluate import EvaluationConfig, run_evaluation
-    from txfm.evaluate.simulate import BATCH_COLUMN, CONTROL_LABEL, PERTURBATION_COLUMN
+    from simulation.screen import BATCH_COLUMN, CONTROL_LABEL, PERTURBATION_COLUMN
 
     limit_heap_fragmentation()  # as `txfm evaluate` does
     job = json.loads(job_path.read_text())

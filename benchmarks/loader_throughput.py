@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from curation import schema  # noqa: E402
 from curation.io import atomic_path  # noqa: E402
 from txfm.data import CorpusInfo, LoaderConfig, make_loader  # noqa: E402
-from txfm.synthetic import write_synthetic_corpus  # noqa: E402
+from simulation.corpus import write_synthetic_corpus  # noqa: E402
 
 
 def cpu_seconds() -> float:

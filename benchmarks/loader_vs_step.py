@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import DEFAULTS, spawn_row  # noqa: E402
 
 from txfm.data import CorpusInfo, LoaderConfig, make_loader  # noqa: E402
-from txfm.synthetic import write_synthetic_corpus  # noqa: E402
+from simulation.corpus import write_synthetic_corpus  # noqa: E402
 
 
 def loader_rate(info: CorpusInfo, cfg: LoaderConfig, accum: int, max_batches: int, repeats: int) -> float:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from txfm.data import CorpusInfo, LoaderConfig, make_loader  # noqa: E402
 from txfm.flops import measure_peak_flops, train_step_flops  # noqa: E402
-from txfm.synthetic import write_synthetic_corpus  # noqa: E402
+from simulation.corpus import write_synthetic_corpus  # noqa: E402
 
 #: Switch → (value of the "before" row), compared against the trainer defaults ("after").
 ABLATIONS_CPU = {"attention_fast_path": False, "sparse_target": False, "compile": True,

@@ -14,9 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import yaml
-
-from curation.io import CurationError, atomic_path, limit_heap_fragmentation, one_line
+from curation.io import CurationError, limit_heap_fragmentation, one_line
 
 log = logging.getLogger("curation")
 
@@ -48,11 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
-    sub = command("simulate", _simulate, "write small simulated raw sources (+ datasets.yaml, truth.json)")
-    sub.add_argument("--out", type=Path, required=True, help="directory for the raw files")
-    sub.add_argument("--seed", type=int, default=0)
-    sub.add_argument("--scale", type=float, default=1.0, help="size multiplier of the simulated studies")
-
     sub = command("curate", _curate, "QC and gene-harmonise one dataset into <work>/curated/<name>/")
     _config_args(sub, dataset=True)
     sub = command("phenoprint", _phenoprint, "prune perturbed cells without a phenotype in one dataset")
@@ -68,10 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("datacard", _datacard, "re-render DATACARD.md and its plot from a corpus's manifest")
     sub.add_argument("corpus", type=Path, metavar="CORPUS")
 
-    sub = command("demo", _demo, "offline end to end: simulate, curate, phenoprint, dedup, build, validate")
-    sub.add_argument("--out", type=Path, required=True, help="demo directory (raw/, work/, corpus/)")
-    sub.add_argument("--seed", type=int, default=0)
-    sub.add_argument("--scale", type=float, default=1.0, help="size multiplier of the simulated studies")
     return parser
 
 
@@ -86,14 +75,6 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ commands
-
-
-def _simulate(args: argparse.Namespace) -> int:
-    from curation.simulate import simulate_sources
-
-    simulate_sources(args.out, seed=args.seed, scale=args.scale, progress=_progress(args))
-    print(f"simulated sources in {args.out}")
-    return 0
 
 
 def _curate(args: argparse.Namespace) -> int:
@@ -155,15 +136,6 @@ def _datacard(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from curation.datacard import table1_markdown
-
-    manifest = run_demo(args.out, seed=args.seed, scale=args.scale, progress=_progress(args))
-    print(table1_markdown(manifest["datasets"], manifest["n_genes"]))
-    print(f"corpus: {args.out / 'corpus'} (valid; see DATACARD.md)")
-    return 0
-
-
 # ------------------------------------------------------------------------------------------ library steps
 
 
@@ -191,53 +163,3 @@ def dedup_all(config: dict, progress: bool = True) -> dict:
     from curation.dedup import run_dedup
 
     return run_dedup(Path(config["work_dir"]), {**config, "progress": progress})
-
-
-def write_demo_config(demo_dir: Path, datasets: dict, seed: int) -> Path:
-    """``<demo>/config.yaml`` over the simulated sources in ``<demo>/raw``; returns its path."""
-    config = {"raw_dir": "raw", "work_dir": "work", "corpus_dir": "corpus", "seed": seed, "datasets": datasets}
-    path = demo_dir / "config.yaml"
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def run_demo(demo_dir: Path, seed: int = 0, scale: float = 1.0, progress: bool = True) -> dict:
-    """Simulate sources into ``<demo>/raw`` and run every curation step; returns the corpus manifest.
-
-    Raises ``CurationError`` if the built corpus fails validation.
-    """
-    from curation.config import load_config
-    from curation.corpus import build_corpus, validate_corpus
-    from curation.genes import GeneTable
-    from curation.simulate import simulate_sources
-
-    demo_dir = Path(demo_dir)
-    raw_dir = demo_dir / "raw"
-    log.info("demo: simulating sources into %s", raw_dir)
-    simulate_sources(raw_dir, seed=seed, scale=scale, progress=progress)
-    datasets_file = raw_dir / "datasets.yaml"
-    try:
-        datasets = yaml.safe_load(datasets_file.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise CurationError(datasets_file, f"unreadable ({one_line(exc)})") from None
-    if isinstance(datasets, dict) and "datasets" in datasets:
-        datasets = datasets["datasets"]
-    config = load_config(write_demo_config(demo_dir, datasets, seed))
-
-    gene_table = GeneTable.load()
-    for name in config["datasets"]:
-        log.info("demo: curating %s", name)
-        curate_one(config, name, progress=progress, gene_table=gene_table)
-    for name, spec in config["datasets"].items():
-        if spec["phenoprint"]["enabled"]:
-            log.info("demo: phenoprint %s", name)
-            phenoprint_one(config, name, progress=progress)
-    log.info("demo: dedup")
-    dedup_all(config, progress=progress)
-    log.info("demo: building the corpus")
-    manifest = build_corpus(config, progress=progress, gene_table=gene_table)
-    problems = validate_corpus(Path(config["corpus_dir"]))
-    if problems:
-        raise CurationError(config["corpus_dir"], f"{len(problems)} validation problem(s), first: {problems[0]}")
-    return manifest

@@ -17,7 +17,7 @@ from curation.config import config_digest, dataset_spec, load_config
 from curation.io import CurationError
 from test_corpus import write_intermediates
 
-SUBCOMMANDS = ("simulate", "curate", "phenoprint", "dedup", "build-corpus", "validate", "datacard", "demo")
+SUBCOMMANDS = ("curate", "phenoprint", "dedup", "build-corpus", "validate", "datacard")
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -13,7 +13,7 @@ import torch
 import txfm.train as train_module
 from txfm.cli import main
 from txfm.config import TrainConfig, load_config
-from txfm.synthetic import write_synthetic_corpus
+from simulation.corpus import write_synthetic_corpus
 from txfm.train import read_metrics
 from txfm.trainer_state import latest_checkpoint
 

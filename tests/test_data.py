@@ -1,4 +1,4 @@
-"""txfm.synthetic corpora and the txfm.data streaming loader: coverage, determinism, resume, correctness."""
+"""simulation.corpus corpora and the txfm.data streaming loader: coverage, determinism, resume, correctness."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from curation import schema
 from curation.corpus import validate_corpus
 from curation.io import file_digest
 from txfm.data import CorpusInfo, LoaderConfig, LoaderState, make_loader, microbatches_per_stream
-from txfm.synthetic import write_synthetic_corpus
+from simulation.corpus import write_synthetic_corpus
 
 K = 64  # input genes; the smallest panel (36 genes) is below it, the largest (120) above
 L = 1e4  # target library size

@@ -1,4 +1,4 @@
-"""End to end: ``python -m curation demo`` on the simulated sources recovers what the simulation planted."""
+"""End to end: ``python -m simulation demo`` on the simulated sources recovers what the simulation planted."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from curation import schema
-from curation.cli import main
+from simulation.__main__ import main
 from curation.corpus import validate_corpus
 
 

@@ -29,10 +29,10 @@ from txfm.evaluate.recall import load_relationships, null_pairs, relationship_re
 from txfm.evaluate.reconstruction import per_sample_pearson, poisson_deviance, reconstruction_metrics
 from curation.phenoprint import log_normalise
 from txfm.evaluate.screen import open_screen
-from txfm.evaluate.simulate import (BATCH_COLUMN, CONTROL_LABEL, MODULE_COLUMN, PERTURBATION_COLUMN, plan_screen,
+from simulation.screen import (BATCH_COLUMN, CONTROL_LABEL, MODULE_COLUMN, PERTURBATION_COLUMN, plan_screen,
                                     screen_anndata, write_relationships, write_screen_h5ad)
 from txfm.model import TxFM, TxFMConfig
-from txfm.synthetic import write_synthetic_corpus
+from simulation.corpus import write_synthetic_corpus
 
 N_GENES = 300
 

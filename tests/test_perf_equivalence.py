@@ -22,7 +22,7 @@ from txfm.config import build_config
 from txfm.data import CorpusInfo, LoaderConfig, densify_target, make_loader
 from txfm.flops import forward_flops_breakdown, measure_peak_flops, train_step_flops
 from txfm.model import TxFMConfig
-from txfm.synthetic import write_synthetic_corpus
+from simulation.corpus import write_synthetic_corpus
 import txfm.train as train_module
 from txfm.train import CompileWithFallback, prepare_batch, read_metrics, train
 

@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse as sp
 import yaml
 
-from curation import simulate
+from simulation import sources as simulate
 from curation.config import load_config
 from curation.genes import GeneTable
 from curation.qc import GeneDetectionCounter, QCConfig, cell_pass_mask

@@ -18,7 +18,7 @@ import txfm.train as train_module
 from txfm.config import TrainConfig, build_config
 from txfm.data import LoaderConfig
 from txfm.losses import expression_loss
-from txfm.synthetic import write_synthetic_corpus
+from simulation.corpus import write_synthetic_corpus
 from txfm.train import (DistContext, NonFiniteLossError, estimate_mean_baseline, gradient_accumulation,
                         one_cycle_cosine, read_metrics, resolve_weight_decay, train)
 from txfm.trainer_state import (latest_checkpoint, list_checkpoints, load_trainer_state, prune_checkpoints)

@@ -22,7 +22,7 @@ if SIMULATED is not None:
             mem_mb=2000,
             runtime=30,
         shell:
-            "python -m curation --quiet simulate --out {params.out} --seed {params.seed} "
+            "python -m simulation --quiet sources --out {params.out} --seed {params.seed} "
             "--scale {params.scale} > {log} 2>&1"
 
 

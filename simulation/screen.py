@@ -2,14 +2,16 @@
 
 Model (deterministic for a seed; counts generated chunk by chunk, each chunk seeded by its first row):
 
-* ``n_genes`` genes named ``SYN<g>`` (``var["gene_id"]`` = ``ENSG9<g:010d>``, the :mod:`txfm.synthetic` scheme,
-  so a checkpoint trained on a synthetic corpus maps them) with log-normal baseline abundances;
+* ``n_genes`` synthetic genes (:func:`simulation.biology.synthetic_gene_symbols` / ``synthetic_gene_ids``, the
+  :mod:`simulation.corpus` scheme, so a checkpoint trained on a synthetic corpus maps them) with log-normal
+  baseline abundances;
 * ``n_modules × genes_per_module`` perturbed genes in planted modules: knocking down any gene of module m
   shifts the log-mean of the same ~5 % of genes by ``strength · effect_m`` (strength 0.6–1.4 per
-  perturbation), and knocks its own target down; ``n_inert`` further perturbations only knock their target down;
+  perturbation), and knocks its own target down to
+  :data:`simulation.biology.TARGET_KNOCKDOWN`; ``n_inert`` further perturbations only knock their target down;
 * controls (``non-targeting``, ``control_fraction`` of the cells), ``n_batches`` batches (gem groups) with a
   per-gene log shift, two random low-rank cell-state factors, log-normal library sizes;
-* counts ~ Poisson(library · softmax(log-mean)).
+* counts ~ Poisson(library · softmax(log-mean)) (:func:`simulation.biology.nb_counts` with ``theta=None``).
 
 The "database" of true relationships, :attr:`ScreenPlan.relationships`, lists every pair of genes in the
 same module (``entity1,entity2``, the format of ``resources/gene_relationships``).
@@ -26,13 +28,13 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from curation.io import atomic_path
+from simulation.biology import TARGET_KNOCKDOWN, nb_counts, synthetic_gene_ids, synthetic_gene_symbols
+from simulation.h5ad import write_streamed_h5ad
 
 CONTROL_LABEL = "non-targeting"
 PERTURBATION_COLUMN, BATCH_COLUMN, MODULE_COLUMN = "gene", "gem_group", "module"
-KNOCKDOWN_LOG = np.log(0.15)  # the target keeps 15 % of its expression
 EFFECT_GENE_FRACTION = 0.05
 
 
@@ -81,8 +83,8 @@ def plan_screen(n_cells: int = 2000, n_genes: int = 500, n_modules: int = 12, ge
     if not 0 < control_fraction < 1 or n_cells < 2 * n_batches:
         raise ValueError("control_fraction must be in (0, 1) and n_cells >= 2 · n_batches")
     rng = np.random.default_rng([seed, 0x5C2EE])
-    names = np.array([f"SYN{g}" for g in range(n_genes)], dtype=object)
-    var = pd.DataFrame({"gene_id": [f"ENSG9{g:010d}" for g in range(n_genes)]}, index=pd.Index(names, name="symbol"))
+    names = synthetic_gene_symbols(n_genes)
+    var = pd.DataFrame({"gene_id": synthetic_gene_ids(n_genes)}, index=pd.Index(names, name="symbol"))
     targets = rng.choice(n_genes, size=n_perturbed, replace=False)
     pert_module = np.concatenate([np.repeat(np.arange(n_modules), genes_per_module), np.full(n_inert, -1)])
     module_effect = np.zeros((n_modules, n_genes))
@@ -120,11 +122,8 @@ def simulate_counts(plan: ScreenPlan, start: int, stop: int) -> sp.csr_matrix:
     modular = perturbed[plan.pert_module[pert[perturbed]] >= 0]
     p = pert[modular]
     log_mean[modular] += plan.pert_strength[p, None] * plan.module_effect[plan.pert_module[p]]
-    log_mean[perturbed, plan.pert_target[pert[perturbed]]] += KNOCKDOWN_LOG
-    log_mean -= log_mean.max(axis=1, keepdims=True)
-    rate = np.exp(log_mean)
-    rate *= (plan.library[start:stop] / rate.sum(axis=1))[:, None]
-    return sp.csr_matrix(rng.poisson(rate).astype(np.float32))
+    log_mean[perturbed, plan.pert_target[pert[perturbed]]] += np.log(TARGET_KNOCKDOWN)
+    return sp.csr_matrix(nb_counts(rng, log_mean, plan.library[start:stop], theta=None).astype(np.float32))
 
 
 def count_chunks(plan: ScreenPlan, chunk_rows: int = 2048) -> Iterator[sp.csr_matrix]:
@@ -142,26 +141,8 @@ def screen_anndata(plan: ScreenPlan):
 
 def write_screen_h5ad(path: str | os.PathLike, plan: ScreenPlan, chunk_rows: int = 2048, progress: bool = False) -> Path:
     """Write the screen as an h5ad with CSR X, streamed chunk by chunk (memory: one chunk), atomically."""
-    import h5py
-    from anndata.io import sparse_dataset, write_elem
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as handle:
-            handle.attrs["encoding-type"], handle.attrs["encoding-version"] = "anndata", "0.1.0"
-            write_elem(handle, "obs", plan.obs)
-            write_elem(handle, "var", plan.var)
-            chunks = count_chunks(plan, chunk_rows)
-            write_elem(handle, "X", next(chunks))
-            matrix = sparse_dataset(handle["X"])
-            with tqdm(total=plan.n_cells, desc="write screen", unit="cell", disable=not progress) as bar:
-                bar.update(min(chunk_rows, plan.n_cells))
-                for block in chunks:
-                    matrix.append(block)
-                    bar.update(block.shape[0])
-            for group in ("obsm", "varm", "layers", "obsp", "varp", "uns"):
-                write_elem(handle, group, {})
-    return path
+    return write_streamed_h5ad(path, plan.obs, plan.var, count_chunks(plan, chunk_rows), progress=progress,
+                               desc="write screen")
 
 
 def write_relationships(path: str | os.PathLike, pairs: pd.DataFrame) -> Path:

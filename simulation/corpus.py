@@ -13,8 +13,9 @@ Simulation model (all deterministic for a seed):
 * Each dataset measures its own *panel* (a random subset of ``panel_fraction`` of the vocabulary; the union
   of the panels is the whole vocabulary) and has a few batches with a small per-gene batch effect; whole
   batches go to the ``val`` split (``val_fraction`` of the batches), as in curation.
-* Some samples carry a knock-down perturbation of one gene (its mean drops 10×); the rest are ``control``.
-* Counts are negative binomial (gamma–Poisson) around ``library_size · softmax(log-mean)``; only the
+* Some samples carry a knock-down perturbation of one gene (its mean drops to
+  :data:`simulation.biology.TARGET_KNOCKDOWN`); the rest are ``control``.
+* Counts are negative binomial (:func:`simulation.biology.nb_counts`) around ``library_size · softmax(log-mean)``; only the
   non-zero counts of panel genes are stored (zeros and unmeasured genes are implicit, as in real shards).
 
 Generation streams row group by row group, so memory is bounded by one ``[row_group_rows, n_genes]`` block.
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 
 from curation import schema
 from curation.io import atomic_path, file_digest
+from simulation.biology import NB_THETA, TARGET_KNOCKDOWN, nb_counts, synthetic_gene_ids, synthetic_gene_symbols
 
 #: Label of unperturbed samples.
 CONTROL_LABEL = "control"
@@ -44,10 +46,6 @@ BATCHES_PER_DATASET = 4
 N_CELL_TYPES = 5
 #: Share of samples with a single-gene knock-down perturbation.
 PERTURBED_FRACTION = 0.2
-#: Multiplicative effect of a knock-down on the target gene's mean.
-KNOCKDOWN_FOLD = 0.1
-#: Negative binomial inverse dispersion θ (var = μ + μ²/θ) for single-cell and bulk datasets.
-NB_THETA = {"single_cell": 3.0, "bulk": 30.0}
 #: Bulk libraries are this much deeper than single-cell ones.
 BULK_DEPTH_FACTOR = 20.0
 
@@ -116,7 +114,7 @@ def write_synthetic_corpus(path: str | os.PathLike, n_samples: int = 512, n_gene
                                                row_group_rows, shard_rows, bar)
         bar.close()
         _write_manifest(tmp, plans, shards, dict(
-            generator="txfm.synthetic", n_samples=n_samples, n_genes=n_genes, n_datasets=n_datasets,
+            generator="simulation.corpus", n_samples=n_samples, n_genes=n_genes, n_datasets=n_datasets,
             seed=seed, val_fraction=val_fraction, panel_fraction=list(panel_fraction),
             with_modules=with_modules, mean_library_size=mean_library_size, row_group_rows=row_group_rows,
             shard_rows=shard_rows))
@@ -197,14 +195,10 @@ def _simulate_counts(rng: np.random.Generator, plan: _DatasetPlan, rows: np.ndar
     log_mean[:, in_module] += activity[:, genes.module[in_module]]
     target = plan.perturbed_gene[rows]
     hit = np.flatnonzero(target >= 0)
-    log_mean[hit, target[hit]] += np.log(KNOCKDOWN_FOLD)
-    proportions = np.exp(log_mean - log_mean.max(axis=1, keepdims=True))
-    proportions /= proportions.sum(axis=1, keepdims=True)
+    log_mean[hit, target[hit]] += np.log(TARGET_KNOCKDOWN)
     depth = mean_library_size * (BULK_DEPTH_FACTOR if plan.modality == "bulk" else 1.0)
     library = depth * rng.lognormal(-0.125, 0.5, n)  # mean of the log-normal factor is 1
-    theta = NB_THETA[plan.modality]
-    mean = proportions * library[:, None]
-    return rng.poisson(rng.gamma(theta, mean / theta)).astype(np.float32)
+    return nb_counts(rng, log_mean, library, theta=NB_THETA[plan.modality]).astype(np.float32)
 
 
 def _to_sparse_rows(dense: np.ndarray, panel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -278,15 +272,10 @@ def _sample_table(plan: _DatasetPlan, rows: np.ndarray, split: str, counts: np.n
     return schema.check_table(pa.table(columns), schema.SAMPLE_SCHEMA, f"synthetic {plan.name}/{split}")
 
 
-def _gene_ids(n_genes: int) -> list[str]:
-    """Ensembl-like IDs, sorted like the real vocabulary."""
-    return [f"ENSG9{g:010d}" for g in range(n_genes)]
-
-
 def _write_genes(root: Path, n_genes: int) -> None:
     """genes.parquet: synthetic Ensembl-like IDs and ``SYN<g>`` symbols."""
-    table = pa.table({"gene_idx": np.arange(n_genes, dtype=np.int32), "gene_id": _gene_ids(n_genes),
-                      "symbol": [f"SYN{g}" for g in range(n_genes)], "biotype": ["protein_coding"] * n_genes})
+    table = pa.table({"gene_idx": np.arange(n_genes, dtype=np.int32), "gene_id": synthetic_gene_ids(n_genes),
+                      "symbol": synthetic_gene_symbols(n_genes), "biotype": ["protein_coding"] * n_genes})
     with atomic_path(root / schema.GENES_FILE) as tmp:
         pq.write_table(schema.check_table(table, schema.GENES_SCHEMA, "synthetic genes"), tmp)
 
@@ -299,7 +288,7 @@ def _write_datasets(root: Path, plans: list[_DatasetPlan], seed: int) -> None:
         "n_samples": [p.batch.size for p in plans],
         "n_genes": [p.panel.size for p in plans],
         "measured_gene_idx": [p.panel for p in plans],
-        "source": [f"simulated by txfm.synthetic (seed={seed})" for _ in plans],
+        "source": [f"simulated by simulation.corpus (seed={seed})" for _ in plans],
         "licence": ["CC0-1.0" for _ in plans],
     })
     with atomic_path(root / schema.DATASETS_FILE) as tmp:
@@ -322,7 +311,7 @@ def _write_manifest(root: Path, plans: list[_DatasetPlan], shards: list[dict], c
 
 def _write_datacard(root: Path, plans: list[_DatasetPlan]) -> None:
     """DATACARD.md: a short Table-1-style summary of the simulated datasets."""
-    lines = ["# Synthetic DiverseRNA corpus", "", "Simulated by `txfm.synthetic`; not real data.", "",
+    lines = ["# Synthetic DiverseRNA corpus", "", "Simulated by `simulation.corpus`; not real data.", "",
              "| dataset | modality | samples | train | val | panel genes |", "|---|---|---|---|---|---|"]
     for p in plans:
         n_val = int((p.split == "val").sum())

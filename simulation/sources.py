@@ -5,7 +5,7 @@ reader format, plus ``datasets.yaml`` (ready-to-use dataset-config entries, path
 ``truth.json`` (what curation, dedup and phenoprint must find). ``write_large_h5ad`` streams a large screen to
 disk in bounded memory for the memory benchmarks.
 
-Biology (one ``numpy.random.Generator`` per dataset, derived from the seed):
+Biology (:mod:`simulation.biology`; one ``numpy.random.Generator`` per dataset, derived from the seed):
 
 * a *universe* of 1,500 real protein-coding genes from ``resources/genes`` (HGNC), with a log-normal baseline
   expression profile, 20 planted *modules* of 10 co-regulated genes and a few *rare* genes (detected in only a
@@ -47,18 +47,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from curation.io import CurationError, atomic_path
-
-#: Reference gene snapshots (the same directory curation.genes reads).
-DEFAULT_GENE_DIR = Path(__file__).resolve().parent.parent / "resources" / "genes"
-HGNC_FILE = "hgnc_human_gene_table.parquet"
-GENCODE_FILE = "gencode_v44_gene_id2name.csv.gz"
-
-N_UNIVERSE_GENES = 1500
-N_MODULES = 20
-MODULE_SIZE = 10
-N_RARE_GENES = 8
-#: Proportion of a rare gene's expression: ~0.004 UMIs per 2k-UMI cell, detected in a handful of cells.
-RARE_GENE_PROPORTION = 2e-6
+from simulation.biology import (MODULE_SIZE, N_MODULES, N_UNIVERSE_GENES, NB_THETA, GenePool, ScreenStates, Universe,
+                                bulk_library, load_gene_pool, log_expression, make_universe, nb_counts, programs,
+                                sc_library)
+from simulation.h5ad import write_streamed_h5ad
 
 SINGLE_CELL_QC = {"min_cells_per_gene": 10, "min_genes_per_cell": 150, "min_library_size": 0}
 BULK_QC = {"min_cells_per_gene": 0, "min_genes_per_cell": 0, "min_library_size": 100_000}
@@ -73,199 +65,8 @@ VAL_FRACTION = 0.25
 PRIORITY = {"sim_atlas_mtx": 1, "sim_screen": 2, "sim_gtex": 3, "sim_tcga": 4, "sim_geo_table": 5,
             "sim_sciplex": 6, "sim_mixseq": 7, "sim_atlas_redistributed": 10}
 
-# Knock-down factors of a real CRISPRi perturbation (strong, so phenoprint keeps every real one).
-TARGET_KNOCKDOWN = 0.05
-MODULE_KNOCKDOWN = 0.2
-#: Cell-state programs of a screen (cell cycle, stress, differentiation…): broad gene sets whose activity varies
-#: among control cells and which each module's knock-down shifts. Effects along control-variance directions are
-#: what a control-PCA embedding (phenoprint) can see; a 10-gene module alone is lost among ~1,500 noisy genes.
-N_STATE_PROGRAMS = 5
-STATE_PROGRAM_SIZE = 80
-STATE_ACTIVITY_SD = 0.5
-#: Activity shift (log scale, per program loading) of the two programs a module's knock-down moves.
-STATE_RESPONSE = 1.2
-
-_SAFE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]+$")
-_SYMBOL_RE = re.compile(r"^[A-Z][A-Z0-9-]*$")
 _BASES = np.array(list("ACGT"))
 _ALNUM = np.array(list("0123456789ABCDEFGHJKLMNPRSTUVWXYZ"))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reference genes
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GenePool:
-    """Protein-coding HGNC genes that a symbol or Ensembl ID resolves to unambiguously.
-
-    ``gene_id`` / ``symbol``: (n_genes,) str, sorted by gene_id. ``alias`` / ``previous``: gene_id -> one alias /
-    previous symbol that names exactly that gene and collides (case-insensitively) with no current symbol, GENCODE
-    name or other gene's alias. ``taken_names``: every upper-cased name that resolves to some gene.
-    """
-
-    gene_id: np.ndarray
-    symbol: np.ndarray
-    alias: dict[str, str]
-    previous: dict[str, str]
-    taken_names: frozenset[str]
-
-
-def _split_names(value: Any) -> list[str]:
-    if not isinstance(value, str):
-        return []
-    return [name.strip() for name in value.split("|") if name.strip()]
-
-
-def load_gene_pool(gene_dir: Path | None = None) -> GenePool:
-    """Read the HGNC / GENCODE snapshots in ``gene_dir`` (default resources/genes) into a :class:`GenePool`."""
-    gene_dir = Path(gene_dir or DEFAULT_GENE_DIR)
-    hgnc_path, gencode_path = gene_dir / HGNC_FILE, gene_dir / GENCODE_FILE
-    for path in (hgnc_path, gencode_path):
-        if not path.is_file():
-            raise CurationError(path, "reference gene file is missing")
-    hgnc = pd.read_parquet(hgnc_path, columns=["ensembl_id", "symbol", "alias_symbols", "prev_symbols",
-                                               "canonical_biotype"])
-    gencode = pd.read_csv(gencode_path, header=None, names=["gene_id", "name"], dtype=str)
-
-    # Which genes each upper-cased current name belongs to (HGNC symbols and GENCODE names, any gene).
-    owners: dict[str, set[str]] = {}
-    for name, gene in zip(pd.concat([hgnc["symbol"], gencode["name"]]),
-                          pd.concat([hgnc["ensembl_id"], gencode["gene_id"]])):
-        if isinstance(name, str):
-            owners.setdefault(name.upper(), set()).add(gene if isinstance(gene, str) else "")
-    # How many HGNC rows list each upper-cased alias / previous symbol.
-    other_names = Counter(name.upper() for aliases, prevs in zip(hgnc["alias_symbols"], hgnc["prev_symbols"])
-                          for name in set(_split_names(aliases)) | set(_split_names(prevs)))
-
-    coding = hgnc[(hgnc["canonical_biotype"] == "protein_coding") & hgnc["ensembl_id"].notna()]
-    coding = coding[~coding["ensembl_id"].duplicated(keep=False) & coding["symbol"].str.match(_SYMBOL_RE)]
-    unique_name = [owners.get(sym.upper()) == {gid} and other_names[sym.upper()] == 0
-                   for sym, gid in zip(coding["symbol"], coding["ensembl_id"])]
-    coding = coding[np.asarray(unique_name, dtype=bool)].sort_values("ensembl_id")
-
-    def safe(name: str) -> bool:
-        key = name.upper()
-        return bool(_SAFE_NAME_RE.match(name)) and key not in owners and other_names[key] == 1 \
-            and not key.startswith("ENSG")
-
-    alias: dict[str, str] = {}
-    previous: dict[str, str] = {}
-    for gid, aliases, prevs in zip(coding["ensembl_id"], coding["alias_symbols"], coding["prev_symbols"]):
-        prev_names = [name for name in _split_names(prevs) if safe(name)]
-        alias_names = [name for name in _split_names(aliases) if safe(name) and name not in prev_names]
-        if prev_names:
-            previous[gid] = prev_names[0]
-        if alias_names:
-            alias[gid] = alias_names[0]
-    taken = frozenset(owners) | frozenset(other_names)
-    return GenePool(gene_id=coding["ensembl_id"].to_numpy(str), symbol=coding["symbol"].to_numpy(str),
-                    alias=alias, previous=previous, taken_names=taken)
-
-
-@dataclass(frozen=True)
-class Universe:
-    """The genes every simulated dataset draws its panel from, and their shared expression structure.
-
-    All arrays are over the ``n_genes`` universe genes: ``gene_id``, ``symbol`` (str), ``version`` (int, the
-    Ensembl version suffix used in versioned IDs), ``log_base`` (float64, natural log of the baseline proportion;
-    ``exp`` sums to 1). ``modules``: (N_MODULES, MODULE_SIZE) int universe indices; ``rare``: (N_RARE_GENES,) int.
-    """
-
-    gene_id: np.ndarray
-    symbol: np.ndarray
-    version: np.ndarray
-    log_base: np.ndarray
-    modules: np.ndarray
-    rare: np.ndarray
-
-    @property
-    def n_genes(self) -> int:
-        return int(self.gene_id.shape[0])
-
-    def versioned_id(self, idx: np.ndarray) -> np.ndarray:
-        """``ENSG…​.<version>`` IDs of universe genes ``idx``."""
-        return np.char.add(np.char.add(self.gene_id[idx], "."), self.version[idx].astype(str))
-
-    @property
-    def module_genes(self) -> np.ndarray:
-        return self.modules.ravel()
-
-
-def make_universe(pool: GenePool, rng: np.random.Generator, n_genes: int = N_UNIVERSE_GENES) -> Universe:
-    """Draw ``n_genes`` pool genes, a baseline profile, modules (among well-expressed genes) and rare genes."""
-    if not 2 * N_MODULES * MODULE_SIZE <= n_genes <= len(pool.gene_id):
-        raise ValueError(f"make_universe: n_genes must be in [{2 * N_MODULES * MODULE_SIZE}, {len(pool.gene_id)}] "
-                         f"(modules need well-expressed genes; the reference pool is finite), got {n_genes}")
-    chosen = np.sort(rng.choice(len(pool.gene_id), size=n_genes, replace=False))
-    log_base = rng.normal(0.0, 1.2, size=n_genes)
-    order = np.argsort(log_base)
-    rare = np.sort(rng.choice(order[: n_genes // 2], size=N_RARE_GENES, replace=False))
-    # Modules among well-expressed genes so that knocking one down is visible in ~2k-UMI cells.
-    well_expressed = order[int(0.4 * n_genes):]
-    modules = rng.choice(well_expressed, size=(N_MODULES, MODULE_SIZE), replace=False)
-    proportions = np.exp(log_base)
-    proportions[rare] = 0.0
-    proportions *= (1.0 - N_RARE_GENES * RARE_GENE_PROPORTION) / proportions.sum()
-    proportions[rare] = RARE_GENE_PROPORTION
-    return Universe(gene_id=pool.gene_id[chosen], symbol=pool.symbol[chosen],
-                    version=rng.integers(1, 21, size=n_genes), log_base=np.log(proportions),
-                    modules=modules, rare=rare)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Expression model
-# ----------------------------------------------------------------------------------------------------------------
-def programs(rng: np.random.Generator, universe: Universe, n_programs: int, fraction: float = 0.08,
-             sd: float = 1.2, modules_on: int = 3, module_lfc: float = 1.5) -> np.ndarray:
-    """(n_programs × n_genes) natural-log fold changes of cell-type / tissue programs.
-
-    Each program changes a random ``fraction`` of genes by N(0, sd) and switches on ``modules_on`` whole modules
-    (+``module_lfc`` on every gene of the module). Rare genes stay rare.
-    """
-    lfc = np.where(rng.random((n_programs, universe.n_genes)) < fraction,
-                   rng.normal(0.0, sd, (n_programs, universe.n_genes)), 0.0)
-    for p in range(n_programs):
-        for m in rng.choice(N_MODULES, size=min(modules_on, N_MODULES), replace=False):
-            lfc[p, universe.modules[m]] += module_lfc
-    lfc[:, universe.rare] = 0.0
-    return lfc
-
-
-def log_expression(rng: np.random.Generator, universe: Universe, program_lfc: np.ndarray, program: np.ndarray,
-                   batch: np.ndarray, n_batches: int, batch_sd: float = 0.15, module_sd: float = 0.4) -> np.ndarray:
-    """(n_samples × n_genes) unnormalised log expression.
-
-    ``program``/``batch``: (n_samples,) int codes into ``program_lfc`` rows and ``n_batches`` per-batch gene
-    effects (log-normal multiplicative, sd ``batch_sd``). Every module gets a per-sample N(0, module_sd)
-    activity shared by its genes, which makes them co-expressed in every dataset.
-    """
-    batch_lfc = rng.normal(0.0, batch_sd, (n_batches, universe.n_genes))
-    batch_lfc[:, universe.rare] = 0.0
-    log_rate = universe.log_base[None, :] + program_lfc[program] + batch_lfc[batch]
-    activity = rng.normal(0.0, module_sd, (len(program), N_MODULES))
-    log_rate[:, universe.module_genes] += np.repeat(activity, MODULE_SIZE, axis=1)
-    return log_rate
-
-
-def nb_counts(rng: np.random.Generator, log_rate: np.ndarray, library: np.ndarray, theta: float) -> np.ndarray:
-    """Negative-binomial counts (n_samples × n_genes) int64.
-
-    Mean = ``library`` (n_samples,) × softmax of ``log_rate`` over genes; dispersion via a gamma(theta, 1/theta)
-    multiplier per entry (NB variance mu + mu²/theta).
-    """
-    shifted = np.exp(log_rate - log_rate.max(axis=1, keepdims=True))
-    mean = shifted * (library / shifted.sum(axis=1))[:, None]
-    return rng.poisson(mean * rng.standard_gamma(theta, size=mean.shape) / theta)
-
-
-def sc_library(rng: np.random.Generator, n: int, median: float = 2000.0) -> np.ndarray:
-    """(n,) single-cell expected UMIs per cell, log-normal around ``median`` (most in 1–3k)."""
-    return np.exp(rng.normal(np.log(median), 0.3, n))
-
-
-def bulk_library(rng: np.random.Generator, n: int) -> np.ndarray:
-    """(n,) bulk expected reads per sample, log-uniform in [1e6, 1e7]."""
-    return np.exp(rng.uniform(np.log(1e6), np.log(1e7), n))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -442,64 +243,6 @@ def _rich_rows(counts: np.ndarray, exclude: np.ndarray, min_detected: int) -> np
     return np.setdiff1d(np.flatnonzero(detected >= min_detected), exclude)
 
 
-@dataclass(frozen=True)
-class ScreenStates:
-    """Cell-state programs of a perturbation screen and how each module's knock-down moves them.
-
-    ``genes``: (N_STATE_PROGRAMS, STATE_PROGRAM_SIZE) universe indices (plain genes, disjoint); ``loadings``:
-    same shape, signed per-gene weights (|w| in [0.5, 1]); ``response``: (N_MODULES, N_STATE_PROGRAMS) activity
-    shift caused by knocking down a module (two programs per module, ±STATE_RESPONSE), so perturbations of the
-    same module have the same phenotype.
-    """
-
-    genes: np.ndarray
-    loadings: np.ndarray
-    response: np.ndarray
-
-    @classmethod
-    def draw(cls, rng: np.random.Generator, universe: Universe) -> "ScreenStates":
-        plain = np.setdiff1d(np.arange(universe.n_genes), np.union1d(universe.module_genes, universe.rare))
-        size = min(STATE_PROGRAM_SIZE, len(plain) // N_STATE_PROGRAMS)  # small universes get smaller programs
-        genes = rng.choice(plain, size=(N_STATE_PROGRAMS, size), replace=False)
-        loadings = rng.choice([-1.0, 1.0], size=genes.shape) * rng.uniform(0.5, 1.0, genes.shape)
-        response = np.zeros((N_MODULES, N_STATE_PROGRAMS))
-        for m in range(N_MODULES):
-            response[m, rng.choice(N_STATE_PROGRAMS, size=2, replace=False)] = rng.choice([-1.0, 1.0], 2) \
-                * STATE_RESPONSE
-        return cls(genes=genes, loadings=loadings, response=response)
-
-    def perturbation_effects(self, universe: Universe, targets: np.ndarray) -> np.ndarray:
-        """(1 + n_targets, n_genes) log effects: row 0 = no effect (controls), row k = knock-down of
-        ``targets[k-1]`` (a module gene): target ×TARGET_KNOCKDOWN, rest of its module ×MODULE_KNOCKDOWN, and
-        the module's state-program response."""
-        module_of_gene = np.full(universe.n_genes, -1)
-        module_of_gene[universe.module_genes] = np.repeat(np.arange(N_MODULES), MODULE_SIZE)
-        effect = np.zeros((len(targets) + 1, universe.n_genes))
-        for k, target in enumerate(targets, start=1):
-            module = module_of_gene[target]
-            if module < 0:
-                raise ValueError(f"perturbation_effects: target {universe.symbol[target]} is in no module")
-            effect[k, universe.modules[module]] = np.log(MODULE_KNOCKDOWN)
-            effect[k, target] = np.log(TARGET_KNOCKDOWN)
-            for p in np.flatnonzero(self.response[module]):
-                effect[k, self.genes[p]] += self.response[module, p] * self.loadings[p]
-        return effect
-
-    def add_activity(self, rng: np.random.Generator, log_rate: np.ndarray) -> None:
-        """Add each cell's N(0, STATE_ACTIVITY_SD) program activities to ``log_rate`` (n_cells × n_genes)."""
-        activity = rng.normal(0.0, STATE_ACTIVITY_SD, (log_rate.shape[0], N_STATE_PROGRAMS))
-        for p in range(N_STATE_PROGRAMS):
-            log_rate[:, self.genes[p]] += activity[:, p:p + 1] * self.loadings[p][None, :]
-
-    def describe(self, universe: Universe) -> list[dict]:
-        """JSON-ready programs: gene IDs, loadings and which modules shift them (and how)."""
-        return [{"program": p, "gene_ids": universe.gene_id[self.genes[p]].tolist(),
-                 "loadings": np.round(self.loadings[p], 6).tolist(),
-                 "shifted_by_modules": {str(m): float(self.response[m, p])
-                                        for m in np.flatnonzero(self.response[:, p])}}
-                for p in range(N_STATE_PROGRAMS)]
-
-
 def build_screen(ctx: _Context) -> SimulatedDataset:
     """``sim_screen``: a CRISPRi screen (h5ad) with real perturbations knocking down a module and null ones."""
     rng, u = ctx.rng(1), ctx.universe
@@ -536,7 +279,7 @@ def build_screen(ctx: _Context) -> SimulatedDataset:
     states.add_activity(rng, log_rate)
     library = sc_library(rng, n)
     low = _low_quality(rng, library)
-    full = nb_counts(rng, log_rate, library, theta=4.0)[:, panel]
+    full = nb_counts(rng, log_rate, library, theta=NB_THETA["single_cell"])[:, panel]
 
     copies = _pick_rows(rng, _rich_rows(full, low, 300), 2)
     full = np.vstack([full, full[copies]])
@@ -579,7 +322,7 @@ def build_atlases(ctx: _Context) -> tuple[SimulatedDataset, SimulatedDataset]:
     cell_type, donor = rng.integers(0, len(ATLAS_CELL_TYPES), n), rng.integers(0, n_donors, n)
     library = sc_library(rng, n)
     low = _low_quality(rng, library)
-    universe_counts = nb_counts(rng, log_expression(rng, u, lfc, cell_type, donor, n_donors), library, theta=4.0)
+    universe_counts = nb_counts(rng, log_expression(rng, u, lfc, cell_type, donor, n_donors), library, theta=NB_THETA["single_cell"])
     panel = _panel(rng, u, 0.07)
     counts = universe_counts[:, panel]
     copies = _pick_rows(rng, _rich_rows(counts, low, 300), 3)
@@ -610,7 +353,7 @@ def build_atlases(ctx: _Context) -> tuple[SimulatedDataset, SimulatedDataset]:
     own_type, own_donor = rng.integers(0, len(ATLAS_CELL_TYPES), n_own), rng.integers(0, 3, n_own)
     own_library = sc_library(rng, n_own)
     own_low = _low_quality(rng, own_library)
-    own_counts = nb_counts(rng, log_expression(rng, u, lfc, own_type, own_donor, 3), own_library, theta=4.0)
+    own_counts = nb_counts(rng, log_expression(rng, u, lfc, own_type, own_donor, 3), own_library, theta=NB_THETA["single_cell"])
     counts_r = np.vstack([universe_counts[originals], own_counts])[:, panel_r]
     ids_r = barcodes(rng, len(counts_r), exclude=set(ids.tolist()))
     ids_r = np.char.add("atlasB_", ids_r)
@@ -648,7 +391,7 @@ def build_gtex(ctx: _Context) -> SimulatedDataset:
     library[low] = rng.uniform(2e4, 6e4, len(low))
     log_rate = log_expression(rng, u, programs(rng, u, len(GTEX_TISSUES), 0.15, 1.5), tissue, donor, n_donors,
                               batch_sd=0.1, module_sd=0.2)
-    counts = nb_counts(rng, log_rate, library, theta=30.0)
+    counts = nb_counts(rng, log_rate, library, theta=NB_THETA["bulk"])
     donor_codes = np.char.add("GTEX-", _codes(rng, n_donors, 5, _ALNUM))
     sampid = np.char.add(np.char.add(donor_codes[donor], "-"),
                          np.char.add(np.char.zfill(rng.integers(1, 3000, n).astype(str), 4),
@@ -682,7 +425,7 @@ def build_tcga(ctx: _Context) -> SimulatedDataset:
     # The last file re-quantifies the aliquot of a deep sample: same expression, a new NB draw, same accession.
     first = int(rng.choice(np.setdiff1d(np.arange(n - 1), low)))
     log_rate[-1], library[-1], project[-1] = log_rate[first], library[first], project[first]
-    counts = nb_counts(rng, log_rate, library, theta=30.0)
+    counts = nb_counts(rng, log_rate, library, theta=NB_THETA["bulk"])
     file_id = np.asarray([str(uuid.UUID(bytes=rng.bytes(16), version=4)) for _ in range(n)])
     tss = _codes(rng, n, 2, _ALNUM)
     participant = _codes(rng, n, 4, _ALNUM)
@@ -721,7 +464,7 @@ def build_geo_table(ctx: _Context) -> SimulatedDataset:
     low = _low_quality(rng, library)
     log_rate = log_expression(rng, u, programs(rng, u, len(GEO_CELL_TYPES)), cell_type, plate, n_plates)
     panel = _panel(rng, u, 0.05)
-    counts = nb_counts(rng, log_rate, library, theta=4.0)[:, panel].astype(np.float64)
+    counts = nb_counts(rng, log_rate, library, theta=NB_THETA["single_cell"])[:, panel].astype(np.float64)
     names, how = _symbol_features(rng, u, pool, panel, n_previous=5, n_alias=10)
     # ~3 % unmappable rows (genes outside the reference), expressed like ordinary genes.
     n_junk = int(round(0.03 * len(panel)))
@@ -779,7 +522,7 @@ def build_sciplex(ctx: _Context) -> SimulatedDataset:
     library = sc_library(rng, n)
     low = _low_quality(rng, library)
     panel = _panel(rng, u, 0.05)
-    counts = nb_counts(rng, log_rate, library, theta=4.0)[:, panel]
+    counts = nb_counts(rng, log_rate, library, theta=NB_THETA["single_cell"])[:, panel]
     wells = np.asarray([f"{r}{c:02d}" for r in "ABCDEFGH" for c in range(1, 13)])
     cell_names = np.char.add(np.char.add(np.char.add("P", (plate + 1).astype(str)), "_"),
                              np.char.add(np.char.add(wells[rng.integers(0, 96, n)], "_"), _codes(rng, n, 16, _BASES)))
@@ -822,7 +565,7 @@ def build_mixseq(ctx: _Context) -> SimulatedDataset:
     log_rate = log_expression(rng, u, programs(rng, u, len(MIXSEQ_LINES)), line, experiment,
                               len(MIXSEQ_EXPERIMENTS))
     panel = _panel(rng, u, 0.05)
-    counts = nb_counts(rng, log_rate, library, theta=4.0)[:, panel]
+    counts = nb_counts(rng, log_rate, library, theta=NB_THETA["single_cell"])[:, panel]
     codes = barcodes(rng, n)
     codes[per_experiment] = codes[0]  # 10x barcodes repeat across runs; the zip stem keeps sample IDs unique
     stems = np.asarray(MIXSEQ_EXPERIMENTS)[experiment]
@@ -1295,24 +1038,16 @@ def _index_barcodes(index: np.ndarray, seed: int, gem: np.ndarray) -> np.ndarray
     return np.char.add(np.char.add(letters, "-"), (gem + 1).astype(str))
 
 
-def _write_encoding(node: h5py.HLObject, kind: str, version: str) -> None:
-    node.attrs["encoding-type"] = kind
-    node.attrs["encoding-version"] = version
-
-
 def write_large_h5ad(path: Path, n_cells: int, n_genes: int = 2000, seed: int = 0, chunk_cells: int = 10_000,
                      progress: bool = False) -> None:
     """Stream a simulated CRISPRi screen of ``n_cells`` × ``n_genes`` raw counts to an h5ad at ``path``.
 
     Same biology as ``sim_screen`` (modules, cell-state programs, 50 real and 50 null perturbations, ~15 %
-    ``non-targeting`` controls, 8 contiguous gem groups, ~2k UMIs per cell). X is CSR float32 written chunk by chunk into
-    resizable h5py datasets (X/data, X/indices, X/indptr), obs (index = barcodes, ``gene``, ``gem_group``) and
-    var (index = Ensembl IDs, ``gene_name``) carry anndata's encoding attributes, so
-    ``anndata.read_h5ad(path, backed="r")`` opens it. Peak memory is O(chunk_cells × nnz per cell), not
-    O(n_cells); time is ~0.1 µs per matrix entry (≈ 2 min for 500k × 2,000).
+    ``non-targeting`` controls, 8 contiguous gem groups, ~2k UMIs per cell). X is CSR float32 appended chunk by
+    chunk (:func:`simulation.h5ad.write_streamed_h5ad`); obs (index = barcodes, ``gene``, ``gem_group``), var
+    (index = Ensembl IDs, ``gene_name``). Peak memory is O(chunk_cells × nnz per cell) plus obs, not
+    O(n_cells × nnz); time is ~0.1 µs per matrix entry (≈ 2 min for 500k × 2,000).
     """
-    import anndata.io
-
     if isinstance(n_cells, bool) or int(n_cells) != n_cells or n_cells < 1:
         raise ValueError(f"write_large_h5ad: n_cells must be a positive integer, got {n_cells!r}")
     if int(chunk_cells) != chunk_cells or chunk_cells < 1:
@@ -1333,64 +1068,31 @@ def write_large_h5ad(path: Path, n_cells: int, n_genes: int = 2000, seed: int = 
     labels = np.concatenate([[CONTROL_LABEL_SCREEN], universe.symbol[real], universe.symbol[null]])
     effect = np.vstack([states.perturbation_effects(universe, real), np.zeros((len(null), universe.n_genes))])
 
-    path = Path(path)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        _write_encoding(h5, "anndata", "0.1.0")
-        x = h5.create_group("X")
-        _write_encoding(x, "csr_matrix", "0.1.0")
-        x.attrs["shape"] = np.array([n_cells, universe.n_genes], dtype=np.int64)
-        data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 18,))
-        indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,))
-        indptr = x.create_dataset("indptr", shape=(n_cells + 1,), dtype=np.int64)
-        indptr[0] = 0
+    cell = np.arange(n_cells)
+    gem = (cell * n_gem) // n_cells  # gem groups are contiguous runs of cells, as in real screens
+    label_rng = np.random.default_rng([int(seed), 1001])
+    label = np.where(label_rng.random(n_cells) < 0.15, 0, label_rng.integers(1, len(labels), n_cells))
+    obs = pd.DataFrame({"gene": pd.Categorical.from_codes(label, categories=labels.tolist()),
+                        "gem_group": (gem + 1).astype(np.int64)},
+                       index=pd.Index(_index_barcodes(cell, int(seed), gem).astype(object)))
+    var = pd.DataFrame({"gene_name": universe.symbol.astype(object)},
+                       index=pd.Index(universe.gene_id.astype(object), name="gene_id"))
 
-        obs = h5.create_group("obs")
-        _write_encoding(obs, "dataframe", "0.2.0")
-        obs.attrs["_index"] = "_index"
-        obs.attrs["column-order"] = np.array(["gene", "gem_group"], dtype=object)
-        obs_index = obs.create_dataset("_index", shape=(n_cells,), dtype=h5py.string_dtype("utf-8"))
-        _write_encoding(obs_index, "string-array", "0.2.0")
-        gene = obs.create_group("gene")
-        _write_encoding(gene, "categorical", "0.2.0")
-        gene.attrs["ordered"] = False
-        categories = gene.create_dataset("categories", data=labels.astype(object), dtype=h5py.string_dtype("utf-8"))
-        _write_encoding(categories, "string-array", "0.2.0")
-        codes = gene.create_dataset("codes", shape=(n_cells,), dtype=np.int16)
-        _write_encoding(codes, "array", "0.2.0")
-        gem_group = obs.create_dataset("gem_group", shape=(n_cells,), dtype=np.int64)
-        _write_encoding(gem_group, "array", "0.2.0")
-
-        var = pd.DataFrame({"gene_name": universe.symbol.astype(object)},
-                           index=pd.Index(universe.gene_id.astype(object), name="gene_id"))
-        anndata.io.write_elem(h5, "var", var)
-        for empty in ("uns", "layers", "obsm", "varm", "obsp", "varp"):
-            anndata.io.write_elem(h5, empty, {})
-
-        nnz = 0
-        starts = range(0, n_cells, chunk_cells)
-        for chunk_number, start in enumerate(tqdm(starts, desc="write h5ad", unit="chunk", disable=not progress)):
+    def chunks() -> Iterator[sp.csr_matrix]:
+        block = max(1, _BLOCK_ENTRIES // universe.n_genes)
+        for chunk_number, start in enumerate(range(0, n_cells, chunk_cells)):
             stop = min(start + chunk_cells, n_cells)
-            chunk_rng = np.random.default_rng([int(seed), 1001, chunk_number])
-            cell = np.arange(start, stop)
-            gem = (cell * n_gem) // n_cells  # gem groups are contiguous runs of cells, as in real screens
-            label = np.where(chunk_rng.random(len(cell)) < 0.15, 0, chunk_rng.integers(1, len(labels), len(cell)))
-            block = max(1, _BLOCK_ENTRIES // universe.n_genes)
+            chunk_rng = np.random.default_rng([int(seed), 1002, chunk_number])
             pieces = []
-            for lo in range(0, len(cell), block):
-                rows = slice(lo, min(lo + block, len(cell)))
+            for lo in range(start, stop, block):
+                rows = slice(lo, min(lo + block, stop))
                 log_rate = base[None, :] + batch_lfc[gem[rows]] + effect[label[rows]]
                 activity = chunk_rng.normal(0.0, 0.4, (log_rate.shape[0], N_MODULES))
                 log_rate[:, universe.module_genes] += np.repeat(activity, MODULE_SIZE, axis=1)
                 states.add_activity(chunk_rng, log_rate)
-                counts = nb_counts(chunk_rng, log_rate, sc_library(chunk_rng, log_rate.shape[0]), theta=4.0)
+                counts = nb_counts(chunk_rng, log_rate, sc_library(chunk_rng, log_rate.shape[0]),
+                                   theta=NB_THETA["single_cell"])
                 pieces.append(sp.csr_matrix(counts.astype(np.float32)))
-            chunk = sp.csr_matrix(sp.vstack(pieces))
-            data.resize((nnz + chunk.nnz,))
-            indices.resize((nnz + chunk.nnz,))
-            data[nnz:] = chunk.data
-            indices[nnz:] = chunk.indices.astype(np.int32)
-            indptr[start + 1: stop + 1] = nnz + chunk.indptr[1:].astype(np.int64)
-            nnz += chunk.nnz
-            obs_index[start:stop] = _index_barcodes(cell, int(seed), gem).astype(object)
-            codes[start:stop] = label.astype(np.int16)
-            gem_group[start:stop] = gem + 1
+            yield sp.csr_matrix(sp.vstack(pieces))
+
+    write_streamed_h5ad(path, obs, var, chunks(), progress=progress)
