@@ -204,8 +204,8 @@ def build_cell_set(screen: Screen, cfg: EvaluationConfig) -> protocol_module.Cel
 
 
 def gather_embedding(source: EmbeddingSource, rows: np.ndarray) -> np.ndarray:
-    """Raw embedding (len(rows), dim) float64 of the sorted screen rows ``rows``, streaming over the screen."""
-    out = np.empty((rows.size, source.embedder.dim))
+    """Raw embedding (len(rows), dim) float32 of the sorted screen rows ``rows``, streaming over the screen."""
+    out = np.empty((rows.size, source.embedder.dim), dtype=np.float32)
     for start, stop, emb in source.chunks("embed"):
         lo, hi = np.searchsorted(rows, [start, stop])
         out[lo:hi] = emb[rows[lo:hi] - start]

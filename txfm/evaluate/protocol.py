@@ -377,9 +377,10 @@ def run_protocol(emb: np.ndarray, cells: CellSet, databases: dict[str, pd.DataFr
         codes = np.searchsorted(names, cells.perturbation[perturbed].astype(str).astype(object))
         np.add.at(sums, codes, processed[perturbed])
         aggregates = sums / np.bincount(codes, minlength=len(names))[:, None]
+        batch_mixing = ilisi(processed, cells.batch)  # deterministic: the same for every seed
         for s in range(n_seeds):
             run_seed = seed + s
-            metrics: dict[str, float] = {"ilisi": ilisi(processed, cells.batch)}
+            metrics: dict[str, float] = {"ilisi": batch_mixing}
             held_out = np.isin(cells.batch, held_out_batches(cells.batch, run_seed))
             metrics.update(probes(processed, cells.perturbation, perturbed & ~held_out, perturbed & held_out,
                                   seed=run_seed))
