@@ -198,3 +198,46 @@ def test_paper_protocol_end_to_end_on_a_planted_screen(tmp_path, planted):
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "report.json").read_text())
     assert report["screen"]["n_cells_scored"] == 900 and report["settings"]["protocol"] == "paper"
+
+
+def test_held_out_evaluation_screen_has_weak_module_knockdowns(tmp_path):
+    """The demo's zero-shot screen: same universe modules as the corpus sources, a weak (×0.7) module phenotype."""
+    import anndata as ad
+
+    from simulation.biology import load_gene_pool, make_universe
+    from simulation.sources import EVAL_MODULE_KNOCKDOWN, write_evaluation_screen
+
+    universe = make_universe(load_gene_pool(), np.random.default_rng([0, 0]))
+    path = write_evaluation_screen(universe, tmp_path, seed=0)
+    adata = ad.read_h5ad(path)
+    counts = adata.X.toarray()
+    fraction = counts / counts.sum(axis=1, keepdims=True)
+    column = {gene: i for i, gene in enumerate(adata.var_names)}
+    labels, modules = adata.obs["gene"].to_numpy(str), adata.obs["module"].to_numpy(str)
+    control = labels == "non-targeting"
+    ratios = {}
+    for m in range(len(universe.modules)):
+        cols = [column[g] for g in universe.gene_id[universe.modules[m]]]
+        cells = modules == f"module{m}"
+        ratios[m] = fraction[np.ix_(cells, cols)].sum(axis=1).mean() / fraction[np.ix_(control, cols)].sum(axis=1).mean()
+    median = float(np.median(list(ratios.values())))
+    assert 0.55 < median < 0.9 and abs(median - EVAL_MODULE_KNOCKDOWN) < 0.15  # weak, but there
+    assert 0.10 <= control.mean() <= 0.20 and adata.obs["gem_group"].nunique() == 4
+    assert len(set(labels[modules != "control"])) == 80
+    again = write_evaluation_screen(universe, tmp_path / "again", seed=0)
+    np.testing.assert_array_equal(ad.read_h5ad(again).X.toarray(), counts)
+
+
+def test_screen_on_corpus_modules_lowers_the_targets_corpus_module():
+    from simulation.corpus import corpus_gene_modules
+    from simulation.screen import simulate_counts
+
+    modules = corpus_gene_modules(200, seed=0)
+    plan = plan_screen(n_cells=400, n_genes=200, n_modules=4, genes_per_module=3, n_inert=4, n_batches=2,
+                       effect_size=0.5, seed=0, gene_modules=modules)
+    for m in range(4):
+        targets = plan.pert_target[plan.pert_module == m]
+        assert len(set(modules[targets])) == 1  # the perturbed genes of a planted module share a corpus module
+        np.testing.assert_array_equal(plan.module_effect[m] != 0, modules == modules[targets[0]])
+        assert np.all(plan.module_effect[m][modules == modules[targets[0]]] == -0.5)
+    assert simulate_counts(plan, 0, 10).shape == (10, 200)
