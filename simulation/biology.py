@@ -286,10 +286,12 @@ class ScreenStates:
                 * STATE_RESPONSE
         return cls(genes=genes, loadings=loadings, response=response)
 
-    def perturbation_effects(self, universe: Universe, targets: np.ndarray) -> np.ndarray:
+    def perturbation_effects(self, universe: Universe, targets: np.ndarray, module_knockdown: float = MODULE_KNOCKDOWN,
+                             response_scale: float = 1.0) -> np.ndarray:
         """(1 + n_targets, n_genes) log effects: row 0 = no effect (controls), row k = knock-down of
-        ``targets[k-1]`` (a module gene): target ×TARGET_KNOCKDOWN, rest of its module ×MODULE_KNOCKDOWN, and
-        the module's state-program response."""
+        ``targets[k-1]`` (a module gene): target ×TARGET_KNOCKDOWN, rest of its module ×``module_knockdown``,
+        and ``response_scale`` × the module's state-program response (weaker screens: a knock-down closer to 1
+        and a smaller scale)."""
         module_of_gene = np.full(universe.n_genes, -1)
         module_of_gene[universe.module_genes] = np.repeat(np.arange(N_MODULES), MODULE_SIZE)
         effect = np.zeros((len(targets) + 1, universe.n_genes))
@@ -297,10 +299,10 @@ class ScreenStates:
             module = module_of_gene[target]
             if module < 0:
                 raise ValueError(f"perturbation_effects: target {universe.symbol[target]} is in no module")
-            effect[k, universe.modules[module]] = np.log(MODULE_KNOCKDOWN)
+            effect[k, universe.modules[module]] = np.log(module_knockdown)
             effect[k, target] = np.log(TARGET_KNOCKDOWN)
             for p in np.flatnonzero(self.response[module]):
-                effect[k, self.genes[p]] += self.response[module, p] * self.loadings[p]
+                effect[k, self.genes[p]] += response_scale * self.response[module, p] * self.loadings[p]
         return effect
 
     def add_activity(self, rng: np.random.Generator, log_rate: np.ndarray) -> None:

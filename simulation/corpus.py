@@ -122,6 +122,12 @@ def write_synthetic_corpus(path: str | os.PathLike, n_samples: int = 512, n_gene
     return final
 
 
+def corpus_gene_modules(n_genes: int, seed: int = 0, with_modules: bool = True) -> np.ndarray:
+    """(n_genes,) int co-expression module of each gene of ``write_synthetic_corpus(n_genes=…, seed=…)`` (−1:
+    housekeeping): the structure a screen must share for a model trained on that corpus to transfer to it."""
+    return _simulate_gene_model(np.random.default_rng([seed, 0x5E7]), n_genes, with_modules).module
+
+
 def _check_arguments(n_samples: int, n_genes: int, n_datasets: int, val_fraction: float,
                      panel_fraction: tuple[float, float], mean_library_size: float, row_group_rows: int,
                      shard_rows: int) -> None:

@@ -7,7 +7,10 @@ Model (deterministic for a seed; counts generated chunk by chunk, each chunk see
   baseline abundances;
 * ``n_modules × genes_per_module`` perturbed genes in planted modules: knocking down any gene of module m
   shifts the log-mean of the same ~5 % of genes by ``strength · effect_m`` (strength 0.6–1.4 per
-  perturbation), and knocks its own target down to
+  perturbation) — or, with ``gene_modules`` (a corpus's co-expression modules,
+  :func:`simulation.corpus.corpus_gene_modules`), lowers every gene of the target's own corpus module by
+  ``strength · effect_size`` (log scale), the structure a model trained on that corpus can transfer — and knocks
+  its own target down to
   :data:`simulation.biology.TARGET_KNOCKDOWN`; ``n_inert`` further perturbations only knock their target down;
 * controls (``non-targeting``, ``control_fraction`` of the cells), ``n_batches`` batches (gem groups) with a
   per-gene log shift, two random low-rank cell-state factors, log-normal library sizes;
@@ -75,8 +78,10 @@ class ScreenPlan:
 
 def plan_screen(n_cells: int = 2000, n_genes: int = 500, n_modules: int = 12, genes_per_module: int = 6,
                 n_inert: int = 12, n_batches: int = 4, control_fraction: float = 0.15, effect_size: float = 1.0,
-                mean_library: float = 4000.0, seed: int = 0) -> ScreenPlan:
-    """Draw the screen's design and parameters (no counts)."""
+                mean_library: float = 4000.0, seed: int = 0, gene_modules: np.ndarray | None = None,
+                cell_state_sd: float = 0.3) -> ScreenPlan:
+    """Draw the screen's design and parameters (no counts). ``gene_modules`` (n_genes,) int: module of each gene
+    (−1 none), e.g. a synthetic corpus's; ``cell_state_sd``: loadings of the two cell-state factors (noise)."""
     n_perturbed = n_modules * genes_per_module + n_inert
     if n_perturbed > n_genes:
         raise ValueError(f"{n_perturbed} perturbed genes do not fit in {n_genes} genes")
@@ -85,13 +90,28 @@ def plan_screen(n_cells: int = 2000, n_genes: int = 500, n_modules: int = 12, ge
     rng = np.random.default_rng([seed, 0x5C2EE])
     names = synthetic_gene_symbols(n_genes)
     var = pd.DataFrame({"gene_id": synthetic_gene_ids(n_genes)}, index=pd.Index(names, name="symbol"))
-    targets = rng.choice(n_genes, size=n_perturbed, replace=False)
     pert_module = np.concatenate([np.repeat(np.arange(n_modules), genes_per_module), np.full(n_inert, -1)])
     module_effect = np.zeros((n_modules, n_genes))
-    n_effect = max(2, int(EFFECT_GENE_FRACTION * n_genes))
-    for m in range(n_modules):  # one small vector per module, not per gene
-        genes = rng.choice(n_genes, size=n_effect, replace=False)
-        module_effect[m, genes] = rng.normal(0.0, effect_size, size=n_effect)
+    if gene_modules is None:
+        targets = rng.choice(n_genes, size=n_perturbed, replace=False)
+        n_effect = max(2, int(EFFECT_GENE_FRACTION * n_genes))
+        for m in range(n_modules):  # one small vector per module, not per gene
+            genes = rng.choice(n_genes, size=n_effect, replace=False)
+            module_effect[m, genes] = rng.normal(0.0, effect_size, size=n_effect)
+    else:
+        gene_modules = np.asarray(gene_modules)
+        if gene_modules.shape != (n_genes,):
+            raise ValueError(f"gene_modules has shape {gene_modules.shape}, expected ({n_genes},)")
+        sizes = np.bincount(gene_modules[gene_modules >= 0])
+        eligible = np.flatnonzero(sizes >= genes_per_module)
+        if eligible.size < n_modules:
+            raise ValueError(f"{eligible.size} modules have >= {genes_per_module} genes; {n_modules} requested")
+        chosen = rng.choice(eligible, size=n_modules, replace=False)
+        picked = [rng.choice(np.flatnonzero(gene_modules == c), size=genes_per_module, replace=False) for c in chosen]
+        outside = np.setdiff1d(np.arange(n_genes), np.concatenate(picked))
+        targets = np.concatenate(picked + [rng.choice(outside, size=n_inert, replace=False)])
+        for m, c in enumerate(chosen):
+            module_effect[m, gene_modules == c] = -effect_size
     cell_pert = rng.integers(0, n_perturbed, size=n_cells)
     cell_pert[rng.random(n_cells) < control_fraction] = -1
     cell_batch = rng.integers(0, n_batches, size=n_cells)
@@ -106,7 +126,7 @@ def plan_screen(n_cells: int = 2000, n_genes: int = 500, n_modules: int = 12, ge
     modules = [[str(names[t]) for t in targets[pert_module == m]] for m in range(n_modules)]
     return ScreenPlan(obs=obs, var=var, log_base=rng.normal(0.0, 1.2, size=n_genes),
                       batch_shift=rng.normal(0.0, 0.2, size=(n_batches, n_genes)), module_effect=module_effect,
-                      state_loadings=rng.normal(0.0, 0.3, size=(2, n_genes)), pert_module=pert_module,
+                      state_loadings=rng.normal(0.0, cell_state_sd, size=(2, n_genes)), pert_module=pert_module,
                       pert_strength=rng.uniform(0.6, 1.4, size=n_perturbed), pert_target=targets,
                       cell_pert=cell_pert, cell_batch=cell_batch,
                       library=rng.lognormal(np.log(mean_library), 0.3, size=n_cells), seed=seed, modules=modules)

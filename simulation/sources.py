@@ -47,7 +47,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from curation.io import CurationError, atomic_path
-from simulation.biology import (MODULE_SIZE, N_MODULES, N_UNIVERSE_GENES, NB_THETA, GenePool, ScreenStates, Universe,
+from simulation.biology import (MODULE_SIZE, N_MODULES, N_UNIVERSE_GENES, NB_THETA, TARGET_KNOCKDOWN, GenePool,
+                                ScreenStates, Universe,
                                 bulk_library, load_gene_pool, log_expression, make_universe, nb_counts, programs,
                                 sc_library)
 from simulation.h5ad import write_streamed_h5ad
@@ -1007,6 +1008,7 @@ def simulate_sources(out_dir: Path, seed: int = 0, scale: float = 1.0, progress:
         tmp.write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=False, allow_unicode=True),
                        encoding="utf-8")
     write_planted_relationships(simulation.truth, out_dir / "relationships" / "PlantedModules.txt")
+    write_evaluation_screen(simulation.universe, out_dir / EVAL_SCREEN_NAME, int(seed), float(scale))
     with atomic_path(out_dir / "truth.json") as tmp:
         tmp.write_text(json.dumps(simulation.truth, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return simulation.truth
@@ -1020,6 +1022,66 @@ def write_planted_relationships(truth: dict, path: Path) -> None:
              for b in module["symbols"][i + 1:]]
     with atomic_path(path) as tmp:
         pd.DataFrame(pairs, columns=["entity1", "entity2"]).to_csv(tmp, index=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Held-out evaluation screen (zero-shot, never curated into the corpus)
+# ----------------------------------------------------------------------------------------------------------------
+EVAL_SCREEN_NAME = "sim_eval_screen"
+#: Perturbed genes per module (their same-module pairs are the relationships recall is scored on) and null ones.
+EVAL_PERTURBED_PER_MODULE = 3
+EVAL_NULL_PERTURBATIONS = 20
+#: Weak, noisy phenotypes so that no embedding saturates the benchmark: the rest of the module keeps 70 % of its
+#: expression (sim_screen: 20 %), state programs move at 0.35 × sim_screen's response, knock-down
+#: efficiency varies per guide (× U(0.5, 1.5) on the log effect), and 8–14 cells carry each perturbation.
+EVAL_MODULE_KNOCKDOWN = 0.7
+EVAL_RESPONSE_SCALE = 0.35
+EVAL_CELLS_PER_PERTURBATION = (8, 15)
+
+
+def write_evaluation_screen(universe: Universe, out_dir: Path, seed: int = 0, scale: float = 1.0) -> Path:
+    """``<out_dir>/sim_eval_screen.h5ad``: a CRISPRi screen of the same biology as the corpus sources (the
+    universe's co-expression modules, cell-state programs) that no corpus dataset contains — the paper's
+    zero-shot setting. obs: ``gene`` (target symbol or ``non-targeting``), ``gem_group`` (4), ``module``
+    (``module<m>`` / ``null`` / ``control``); var: index = Ensembl IDs, ``gene_name`` = symbols. Relationships:
+    ``relationships/PlantedModules.txt`` (every same-module pair). Deterministic for (seed, scale)."""
+    rng = np.random.default_rng([int(seed), 60])
+    per_module = EVAL_PERTURBED_PER_MODULE
+    real = np.concatenate([rng.choice(universe.modules[m], size=per_module, replace=False) for m in range(N_MODULES)])
+    plain = np.setdiff1d(np.arange(universe.n_genes), np.union1d(universe.module_genes, universe.rare))
+    null = rng.choice(plain, size=EVAL_NULL_PERTURBATIONS, replace=False)
+    targets = np.concatenate([real, null])
+    low, high = EVAL_CELLS_PER_PERTURBATION
+    cells_per = np.maximum(2, np.round(rng.integers(low, high, size=len(targets)) * min(scale, 1.0)).astype(int))
+    n_perturbed = int(cells_per.sum())
+    pert_of_cell = np.concatenate([np.repeat(np.arange(len(targets)), cells_per),
+                                   np.full(int(round(0.15 / 0.85 * n_perturbed)), -1)])
+    pert_of_cell = pert_of_cell[rng.permutation(len(pert_of_cell))]
+    n, n_gem = len(pert_of_cell), 4
+    gem = rng.integers(0, n_gem, n)
+    log_rate = log_expression(rng, universe, programs(rng, universe, 1), np.zeros(n, dtype=int), gem, n_gem)
+    states = ScreenStates.draw(rng, universe)
+    effect = states.perturbation_effects(universe, real, EVAL_MODULE_KNOCKDOWN, EVAL_RESPONSE_SCALE)
+    efficiency = rng.uniform(0.5, 1.5, size=len(real))
+    row = np.where((pert_of_cell >= 0) & (pert_of_cell < len(real)), pert_of_cell + 1, 0)
+    log_rate += effect[row] * np.where(row > 0, efficiency[np.maximum(row - 1, 0)], 0.0)[:, None]
+    is_null = pert_of_cell >= len(real)
+    log_rate[np.flatnonzero(is_null), targets[pert_of_cell[is_null]]] += np.log(TARGET_KNOCKDOWN)
+    states.add_activity(rng, log_rate)
+    counts = nb_counts(rng, log_rate, sc_library(rng, n), theta=NB_THETA["single_cell"])
+    module_of = np.concatenate([np.repeat(np.arange(N_MODULES), per_module), np.full(len(null), -1)])
+    module_label = np.where(pert_of_cell < 0, "control",
+                            np.where(module_of[np.maximum(pert_of_cell, 0)] >= 0,
+                                     np.char.add("module", module_of[np.maximum(pert_of_cell, 0)].astype(str)), "null"))
+    obs = pd.DataFrame({"gene": np.where(pert_of_cell >= 0, universe.symbol[targets[np.maximum(pert_of_cell, 0)]],
+                                         CONTROL_LABEL_SCREEN),
+                        "gem_group": (gem + 1).astype(np.int64), "module": module_label},
+                       index=pd.Index([f"eval{i:05d}" for i in range(n)]))
+    var = pd.DataFrame({"gene_name": universe.symbol.astype(object)},
+                       index=pd.Index(universe.gene_id.astype(object), name="gene_id"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return write_streamed_h5ad(out_dir / f"{EVAL_SCREEN_NAME}.h5ad", obs, var,
+                               iter([sp.csr_matrix(counts.astype(np.float32))]))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -252,11 +252,11 @@ def test_screen_input_errors_are_one_line(tmp_path, plan, screen_path):
 
 
 def test_planted_screen_end_to_end(tmp_path, screen_path, planted_db):
-    """Lib+Log recovers the planted modules; the random embedding stays at the null rate."""
+    """EFAAR protocol: Lib+Log recovers the planted modules; the random embedding stays at the null rate."""
     cfg = EvaluationConfig(input=screen_path, perturbation_column=PERTURBATION_COLUMN, control_labels=[CONTROL_LABEL],
                            batch_column=BATCH_COLUMN, out=tmp_path / "eval", embedders=["liblog", "hvg_pca", "random"],
                            label_column=MODULE_COLUMN, relationships=str(planted_db), hvg_genes=150,
-                           hvg_components=20, n_components=32, probe_folds=2, progress=False)
+                           hvg_components=20, n_components=32, probe_folds=2, progress=False, protocol="efaar")
     results = run_evaluation(cfg).set_index("embedder")
     for name in ("liblog", "hvg_pca"):
         assert results.loc[name, "recall_PLANTED_5_95"] > max(0.5, 4 * results.loc["random", "recall_PLANTED_5_95"])
@@ -399,14 +399,18 @@ def test_cli_evaluate_with_a_checkpoint_writes_table_and_plots(tmp_path, checkpo
                         "--control-label", CONTROL_LABEL, "--batch-column", BATCH_COLUMN, "--checkpoint",
                         str(checkpoint), "--corpus", str(corpus), "--relationships", str(planted_db),
                         "--embedders", "txfm,liblog,pca_corpus", "--n-components", "16", "--corpus-components", "10",
+                        "--n-seeds", "1", "--inv-genes", "50",
                         "--reconstruction-max-batches", "2", "--device", "cpu", "--no-progress", "--out", str(out)])
     assert status == 0
     results = pd.read_csv(out / "results.csv").set_index("embedder")
     assert list(results.index) == ["txfm", "liblog", "pca_corpus", "txfm_codebook", "txfm_decoder", "mean_expression"]
-    assert results.loc["txfm", "dim"] == 64 and np.isfinite(results.loc["txfm", "recall_PLANTED_5_95"])
+    assert results.loc["txfm", "dim"] == 64
+    for task in ("ilisi", "lin", "knn", "pcst", "bmdb", "inv", "avg"):  # the paper protocol is the default
+        assert np.isfinite(results.loc["txfm", task]), task
     assert np.isfinite(results.loc["txfm", "reconstruction_poisson_deviance"])
     assert np.isfinite(results.loc["mean_expression", "reconstruction_pearson"])
     assert np.isfinite(results.loc["txfm_decoder", "recall_avg_5_95"])
+    assert results.loc["txfm_decoder", "bmdb"] == results.loc["txfm_decoder", "recall_avg_5_95"]
     for name in ("results.md", "recall_by_database.png", "consistency.png", "report.json", "gene_weights.parquet"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "recall_by_database.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -424,5 +428,6 @@ def test_cli_help_explains_metrics_and_outputs(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for phrase in ("--perturbation-column", "--control-label", "--embedders", "recall", "consistency",
-                   "cross-validated by batch", "results.csv", "recall_by_database.png"):
+                   "cross-validated by batch", "results.csv", "recall_by_database.png", "--protocol",
+                   "B.1.1", "protocol.csv", "ilisi"):
         assert phrase in text, phrase

@@ -67,9 +67,16 @@ def test_default_poisson_loss_beats_predict_the_mean(corpus, tmp_path):
                       max_steps=400, log_every=40, val_every=400, ckpt_every=400)
     assert cfg.loss == "poisson" and cfg.activation is None  # None: the preset's, i.e. rectified tanh
     result = train(cfg)
-    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    losses = [r["loss"] for r in records]
     assert np.mean(losses[-3:]) < np.mean(losses[:2]), losses
     assert result.val_loss < result.baseline_val_loss, (result.val_loss, result.baseline_val_loss)
+    # deviance explained: the share of the baseline's gap to the saturated (perfect) loss that the model closes
+    last = records[-1]
+    assert last["saturated_val_loss"] < last["val_loss"]
+    assert last["val_deviance_explained_pct"] == pytest.approx(
+        100 * (last["baseline_val_loss"] - last["val_loss"]) / (last["baseline_val_loss"] - last["saturated_val_loss"]))
+    assert 0 < last["val_deviance_explained_pct"] < 100
 
 
 def test_loss_falls_and_beats_predict_the_mean(corpus, tmp_path):

@@ -169,7 +169,8 @@ def test_demo_end_to_end_then_nothing_to_do_then_qc_change_reruns_downstream_onl
     for download in (wf / "raw").glob("*/download.json"):
         assert all(f["url"].startswith("file://") for f in json.loads(download.read_text())["files"])
     if (wf / "evaluate").exists():
-        assert (wf / "evaluate" / "sim_screen" / "results.csv").is_file()
+        assert (wf / "evaluate" / "sim_eval_screen" / "results.csv").is_file()
+        assert "sim_eval_screen" not in manifest["datasets"]  # the evaluation screen is held out (zero-shot)
     # the simulated sources' own datasets.yaml and this config describe the same curation entries
     simulated = yaml.safe_load((tmp_path / "simulated" / "datasets.yaml").read_text())["datasets"]
     for name, entry in simulated.items():

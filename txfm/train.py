@@ -55,7 +55,19 @@ from txfm.trainer_state import (capture_rng_state, checkpoint_name, checkpoints_
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 RUN_CONFIG_FILE = "train_config.yaml"
-METRIC_KEYS = ("step", "epoch", "loss", "val_loss", "baseline_val_loss", "lr", "grad_norm", "samples_per_s")
+METRIC_KEYS = ("step", "epoch", "loss", "val_loss", "baseline_val_loss", "saturated_val_loss",
+               "val_deviance_explained_pct", "lr", "grad_norm", "samples_per_s")
+
+
+def deviance_explained_pct(val_loss: float, baseline_loss: float, saturated_loss: float) -> float:
+    """Share (%) of the predict-the-mean baseline's deviance that the model removes:
+    ``100 · (baseline − val) / (baseline − saturated)``. For the Poisson loss, loss − saturated loss is half
+    the Poisson deviance, so this is the classic "% deviance explained" against the per-gene-mean model
+    (0 % = the baseline, 100 % = a perfect prediction, < 0 = worse than the baseline). NaN when undefined."""
+    gap = baseline_loss - saturated_loss
+    if not all(map(math.isfinite, (val_loss, baseline_loss, saturated_loss))) or gap <= 0:
+        return math.nan
+    return 100.0 * (baseline_loss - val_loss) / gap
 #: Keyword arguments of ``torch.compile`` when ``compile=true`` (inductor, default mode). Tests may swap the
 #: backend for ``aot_eager`` (same captured graphs, no code generation) to keep CPU compile time low.
 COMPILE_KWARGS: dict[str, Any] = {}
@@ -387,12 +399,13 @@ def estimate_mean_baseline(corpus: str | CorpusInfo, loader_cfg: LoaderConfig, n
 @torch.no_grad()
 def evaluate(model: nn.Module, corpus: str | CorpusInfo, val_cfg: LoaderConfig, n_batches: int, loss: str,
              baseline: Tensor, ctx: DistContext, autocast: Callable[[], contextlib.AbstractContextManager],
-             panel_mask: Tensor | None = None) -> tuple[float, float]:
-    """``(val_loss, baseline_val_loss)``: means over the measured entries of the first ``n_batches`` val
-    micro-batches (one stream, epoch 0: the same batches at every evaluation)."""
+             panel_mask: Tensor | None = None) -> tuple[float, float, float]:
+    """``(val_loss, baseline_val_loss, saturated_val_loss)``: means over the measured entries of the first
+    ``n_batches`` val micro-batches (one stream, epoch 0: the same batches at every evaluation). The saturated
+    loss predicts every target exactly (the floor of the loss; the reference of deviance explained)."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # Σ loss·n, Σ baseline loss·n, Σ n
+    sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # Σ loss·n, Σ baseline loss·n, Σ n, Σ saturated·n
     corpus = as_corpus_info(corpus)
     if panel_mask is None:
         panel_mask = corpus.panel_mask
@@ -405,11 +418,12 @@ def evaluate(model: nn.Module, corpus: str | CorpusInfo, val_cfg: LoaderConfig, 
         sums[0] += expression_loss(pred.float(), target, mask, loss) * n_measured
         sums[1] += expression_loss(baseline.expand_as(target), target, mask, loss) * n_measured
         sums[2] += n_measured
+        sums[3] += expression_loss(target, target, mask, loss) * n_measured
     ctx.all_reduce(sums)
     model.train(was_training)
     if sums[2] == 0:
-        return math.nan, math.nan
-    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+        return math.nan, math.nan, math.nan
+    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item(), (sums[3] / sums[2]).item()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -453,10 +467,12 @@ def plot_loss_curve(metrics_path: str | os.PathLike, out_path: str | os.PathLike
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 4))
     train = [(r["step"], r["loss"]) for r in records if r["loss"] is not None]
     val = [(r["step"], r["val_loss"]) for r in records if r["val_loss"] is not None]
     baseline = [r["baseline_val_loss"] for r in records if r["baseline_val_loss"] is not None]
+    explained = [(r["step"], r["val_deviance_explained_pct"]) for r in records
+                 if r.get("val_deviance_explained_pct") is not None and math.isfinite(r["val_deviance_explained_pct"])]
     if train:
         ax.plot(*zip(*train), label="train loss")
     if val:
@@ -466,6 +482,13 @@ def plot_loss_curve(metrics_path: str | os.PathLike, out_path: str | os.PathLike
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.legend()
+    # The raw loss has an arbitrary offset (Poisson: −290 means nothing); deviance explained reads directly.
+    if explained:
+        right.plot(*zip(*explained), "o-", color="C1")
+    right.axhline(0.0, color="grey", linestyle="--", label="predict the per-gene mean (0 %)")
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("val deviance explained vs the mean baseline (%)")
+    right.legend()
     fig.tight_layout()
     with atomic_path(out_path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -619,8 +642,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, stop_at_step: int |
         interval_loss.zero_()
         interval_steps = 0
         if do_val:
-            record["val_loss"], record["baseline_val_loss"] = evaluate(
+            record["val_loss"], record["baseline_val_loss"], record["saturated_val_loss"] = evaluate(
                 model, info, val_cfg, cfg.val_batches, cfg.loss, baseline, ctx, autocast, panel_mask)
+            record["val_deviance_explained_pct"] = deviance_explained_pct(
+                record["val_loss"], record["baseline_val_loss"], record["saturated_val_loss"])
         metrics.write(record)
         last.update({k: record[k] for k in last if k in record})
         bar.set_postfix({k: f"{v:.4g}" for k, v in (("loss", record["loss"]), ("val", record.get("val_loss")),

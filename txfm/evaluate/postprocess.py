@@ -175,9 +175,29 @@ def control_statistics(source: EmbeddingSource) -> ControlStatistics:
         sums += indicator @ x
         sq_sums += indicator @ (x * x)
         n += np.bincount(codes, minlength=n_batches)
+    return _finish_statistics(sums, sq_sums, n, shift, screen.label_for_errors)
+
+
+def control_statistics_dense(emb: np.ndarray, batch: np.ndarray, is_control: np.ndarray,
+                             n_batches: int) -> ControlStatistics:
+    """:func:`control_statistics` of an in-memory embedding (n, dim) with batch codes (n,) and control mask (n,)."""
+    x = np.asarray(emb, dtype=np.float64)[is_control]
+    codes = np.asarray(batch)[is_control]
+    shift = x.mean(axis=0) if len(x) else np.zeros(emb.shape[1])
+    x = x - shift
+    n = np.bincount(codes, minlength=n_batches)
+    sums, sq_sums = np.zeros((n_batches, emb.shape[1])), np.zeros((n_batches, emb.shape[1]))
+    np.add.at(sums, codes, x)
+    np.add.at(sq_sums, codes, x * x)
+    return _finish_statistics(sums, sq_sums, n, shift, "embedding")
+
+
+def _finish_statistics(sums: np.ndarray, sq_sums: np.ndarray, n: np.ndarray, shift: np.ndarray | None,
+                       where: str) -> ControlStatistics:
+    """Per-batch means/stds (with the documented floors) from shifted per-batch sums (n_batches, dim)."""
     n_controls = int(n.sum())
     if n_controls < 2:
-        raise ValueError(f"{screen.label_for_errors}: post-processing needs at least 2 control cells, found {n_controls}")
+        raise ValueError(f"{where}: post-processing needs at least 2 control cells, found {n_controls}")
     pooled_mean = sums.sum(axis=0) / n_controls
     pooled_var = np.maximum(sq_sums.sum(axis=0) / n_controls - pooled_mean ** 2, 0.0)
     pooled_std = np.sqrt(pooled_var)

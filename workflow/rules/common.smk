@@ -132,12 +132,18 @@ def _screens():
                 raise WorkflowError(f"config evaluate.screens.{name}.source: {settings['source']!r} is not a "
                                     "configured source")
             base = {"fetch_name": settings["source"]}
+        elif "fetch" in settings:  # a screen outside the corpus with its own fetch spec (the demo's held-out screen)
+            base = {"fetch_name": name}
+            try:
+                check_fetch_spec(_fill_placeholders(settings["fetch"]), f"evaluate.screens.{name}.fetch")
+            except CurationError as exc:
+                raise WorkflowError(str(exc)) from None
         elif name in catalogue:
             base = {k: v for k, v in catalogue[name].items() if k not in ("facts", "citation")}
             base["fetch_name"] = name
         else:
             raise WorkflowError(f"config evaluate.screens.{name}: not in the manifest's evaluation_screens and no "
-                                "source: given")
+                                "source: or fetch: given")
         screen = _deep_merge(base, settings)
         missing = [k for k in ("file", "perturbation_column", "batch_column", "control_label") if k not in screen]
         if missing:
