@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from curation.io import CurationError
 from curation.phenoprint import null_draw_indices
-from txfm.checkpoint import save_model
+from txfm.checkpoint import load_model, save_model
 from txfm.cli import main as txfm_main
 from txfm.embed import embed_anndata
 from txfm.evaluate import EvaluationConfig, run_evaluation
@@ -284,6 +284,23 @@ def test_txfm_embedder_equals_embed_anndata_across_chunks(checkpoint, small_scre
         assert embedder.k == 48 and embedder.info()["n_genes_used"] == N_GENES
         got = np.concatenate([embedder.transform(counts, s, e) for s, e, counts in screen.chunks(progress=False)])
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_txfm_embedder_honours_the_checkpoint_frequency_sampling(checkpoint, small_screen_path, tmp_path):
+    # A checkpoint trained with frequency sampling: the evaluation embeds with the same input genes as txfm embed
+    # (and therefore differently from uniform sampling).
+    model, cfg, genes = load_model(checkpoint)
+    frequency = np.random.default_rng(0).uniform(0.01, 1.0, len(genes))
+    freq_ckpt = tmp_path / "freq"
+    save_model(freq_ckpt, model, cfg, genes.assign(detection_frequency=frequency),
+               extra={"n_input_genes": 48, "train_config": {"sampling": "frequency", "temperature": 0.5}})
+    expected, _ = embed_anndata(freq_ckpt, small_screen_path, batch_size=64, progress=False, device="cpu")
+    uniform, _ = embed_anndata(checkpoint, small_screen_path, batch_size=64, progress=False, device="cpu")
+    with open_planted(small_screen_path) as screen:
+        embedder = TxFMEmbedder(freq_ckpt, batch_size=50, device="cpu").fit(screen, progress=False)
+        got = np.concatenate([embedder.transform(counts, s, e) for s, e, counts in screen.chunks(progress=False)])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, uniform, atol=1e-4)
 
 
 def test_liblog_is_library_normalised_log1p(plan):
