@@ -75,6 +75,17 @@ def input_sampling(extra: dict[str, Any], vocabulary: pd.DataFrame, where: str) 
     return sampling, frequency_log_weight(vocabulary[FREQUENCY_COLUMN].to_numpy(), float(train.get("temperature", 1.0)))
 
 
+def checkpoint_transform(cfg: Any, extra: dict[str, Any], vocabulary: pd.DataFrame, n_input_genes: int | None,
+                         where: str) -> InputTransform:
+    """The input transform a checkpoint was trained with: its K (unless ``n_input_genes`` overrides it), L,
+    ``sampling`` and ``temperature`` (``cfg``: its TxFMConfig; ``extra``: config.json's extra)."""
+    k = n_input_genes if n_input_genes is not None else default_n_input_genes(extra)
+    if k < 1:
+        raise ValueError(f"n_input_genes must be >= 1, got {k}")
+    sampling, log_weight = input_sampling(extra, vocabulary, where)
+    return InputTransform(cfg.n_genes, k, cfg.library_size, sampling, log_weight)
+
+
 def _direct_vocabulary_match(features: pd.Series, vocabulary: pd.DataFrame) -> np.ndarray:
     """Vocabulary row per feature by unversioned Ensembl ID, then exact symbol, then unique upper-cased symbol.
 
@@ -237,11 +248,8 @@ def embed_anndata(checkpoint_dir: str | os.PathLike, adata_or_path: Any, batch_s
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg, vocabulary = load_model(model_dir, map_location=device)
     _, extra = read_model_config(model_dir)
-    k = n_input_genes if n_input_genes is not None else default_n_input_genes(extra)
-    if k < 1:
-        raise ValueError(f"n_input_genes must be >= 1, got {k}")
-    sampling, log_weight = input_sampling(extra, vocabulary, str(model_dir))
-    transform = InputTransform(cfg.n_genes, k, cfg.library_size, sampling, log_weight)
+    transform = checkpoint_transform(cfg, extra, vocabulary, n_input_genes, str(model_dir))
+    k = transform.k
 
     adata, label, opened_here = _open_anndata(adata_or_path)
     try:
@@ -287,7 +295,7 @@ def embed_anndata(checkpoint_dir: str | os.PathLike, adata_or_path: Any, batch_s
         "n_vocabulary": int(cfg.n_genes),
         "vocabulary_coverage": float(len(input_genes) / cfg.n_genes),
         "n_input_genes": int(k),
-        "sampling": sampling,
+        "sampling": transform.sampling,
         "padded": bool(len(input_genes) < k),
         "n_zero_library_cells": int(n_zero_library),
         "embedding_dim": int(cfg.dim),

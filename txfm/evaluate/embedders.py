@@ -267,16 +267,14 @@ class TxFMEmbedder(Embedder):
 
     def fit(self, screen: Screen, progress: bool = True) -> "TxFMEmbedder":
         from txfm.checkpoint import load_model, read_model_config, resolve_checkpoint
-        from txfm.embed import default_n_input_genes, feature_summing_matrix, input_sampling, map_to_vocabulary
-        from txfm.transform import InputTransform
+        from txfm.embed import checkpoint_transform, feature_summing_matrix, map_to_vocabulary
 
         model_dir = resolve_checkpoint(self.checkpoint)
         self.model, self.cfg, vocabulary = load_model(model_dir, map_location=self.device)
         _, extra = read_model_config(model_dir)
-        self.k = self.n_input_genes if self.n_input_genes is not None else default_n_input_genes(extra)
-        # The checkpoint's own input sampling (uniform / frequency with its temperature), as txfm embed does.
-        sampling, log_weight = input_sampling(extra, vocabulary, str(model_dir))
-        self.input_transform = InputTransform(self.cfg.n_genes, self.k, self.cfg.library_size, sampling, log_weight)
+        # The checkpoint's own K, L and input sampling (uniform / frequency with its temperature), as txfm embed.
+        self.input_transform = checkpoint_transform(self.cfg, extra, vocabulary, self.n_input_genes, str(model_dir))
+        self.k = self.input_transform.k
         vocab_idx, how, mapper = map_to_vocabulary(screen.features, vocabulary)
         self.summing, self.input_genes = feature_summing_matrix(vocab_idx)
         if self.input_genes.size == 0:
