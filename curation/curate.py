@@ -36,9 +36,8 @@ from tqdm.auto import tqdm
 
 from curation import readers, schema
 from curation.genes import GeneMapping, GeneTable
-from curation.intermediates import CURATED_DIR, REPORT_FILE, SAMPLES_FILE, curated_dir
+from curation.intermediates import CURATED_DIR, REPORT_FILE, SAMPLES_FILE, check_panel, curated_dir
 from curation.io import CurationError, SeenIds, atomic_path, file_digest
-from curation.intermediates import check_panel
 from curation.qc import GeneDetectionCounter, QCConfig, QCTally, cell_pass_mask, check_sample_filter, row_sums
 
 #: Obs columns that ``spec["columns"]`` can name, in SAMPLE_SCHEMA order.

@@ -57,8 +57,6 @@ REMOVED_SCHEMA = pa.schema([
     pa.field("duplicate_of", pa.string(), nullable=False),
     pa.field("duplicate_of_dataset", pa.string(), nullable=False),
 ])
-REMOVED_FILE = intermediates.DEDUP_REMOVED_FILE
-REPORT_FILE = intermediates.DEDUP_REPORT_FILE
 
 #: Priority of a dataset missing from the ``priority`` mapping: after every configured one.
 DEFAULT_PRIORITY = 1_000_000
@@ -533,9 +531,9 @@ def run_dedup(work_dir: Path, config: dict) -> dict:
     }
     out_dir = intermediates.dedup_dir(work_dir)
     table = pa.Table.from_pandas(removed, schema=REMOVED_SCHEMA, preserve_index=False)
-    with atomic_path(out_dir / REMOVED_FILE) as tmp:
+    with atomic_path(out_dir / intermediates.DEDUP_REMOVED_FILE) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-    with atomic_path(out_dir / REPORT_FILE) as tmp:
+    with atomic_path(out_dir / intermediates.DEDUP_REPORT_FILE) as tmp:
         tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     log.info("dedup: %d of %d samples removed (%s)", report["n_removed"], sum(n_samples.values()),
              report["n_removed_by_reason"])

@@ -46,8 +46,6 @@ PHENOPRINT_SCHEMA = pa.schema([
     pa.field("perturbation", pa.string()),
     pa.field("reason", pa.string(), nullable=False),
 ])
-PRUNED_FILE = PHENOPRINT_PRUNED_FILE  # names kept for callers of this module
-SUMMARY_FILE = PHENOPRINT_SUMMARY_FILE
 
 TARGET_SUM = 1e4  # library-size normalisation target (counts per 10k)
 #: Floor on a gene's control standard deviation (log1p CP10k units), so near-constant genes do not explode.
@@ -500,7 +498,7 @@ def _json_value(value):
 def _write_outputs(out_dir: Path, batches: Iterator[pa.RecordBatch], summary: dict,
                    counts_by_kind: dict[str, int] | None = None) -> None:
     """Stream pruned rows into phenoprint.parquet, then write phenoprint.json (both atomically)."""
-    with atomic_path(out_dir / PRUNED_FILE) as tmp:
+    with atomic_path(out_dir / PHENOPRINT_PRUNED_FILE) as tmp:
         with pq.ParquetWriter(tmp, PHENOPRINT_SCHEMA, compression="zstd") as writer:
             for batch in batches:
                 writer.write_batch(batch)
@@ -510,5 +508,5 @@ def _write_outputs(out_dir: Path, batches: Iterator[pa.RecordBatch], summary: di
                        n_unlabelled_cells=counts_by_kind["unlabelled"],
                        n_cells_kept=n_cells - counts_by_kind["pruned"], n_cells_pruned=counts_by_kind["pruned"],
                        fraction_cells_pruned=counts_by_kind["pruned"] / n_cells if n_cells else 0.0)
-    with atomic_path(out_dir / SUMMARY_FILE) as tmp:
+    with atomic_path(out_dir / PHENOPRINT_SUMMARY_FILE) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
