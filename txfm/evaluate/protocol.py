@@ -105,30 +105,34 @@ def postprocess(emb: np.ndarray, batch: np.ndarray, is_control: np.ndarray, choi
     return tvn(z, is_control, n_components)
 
 
+def _control_pca(x: np.ndarray, is_control: np.ndarray, n_components: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PCA of the control rows of ``x`` (n, d): (control mean (d,), components (k, d), control variances (k,)),
+    k = min(n_components, d, n_controls − 1)."""
+    controls = x[is_control]
+    mean = controls.mean(axis=0)
+    _, singular, components = np.linalg.svd(controls - mean, full_matrices=False)
+    k = min(int(n_components), x.shape[1], len(controls) - 1)
+    return mean, components[:k], singular[:k] ** 2 / (len(controls) - 1)
+
+
 def tvn(z: np.ndarray, is_control: np.ndarray, n_components: int = 128) -> np.ndarray:
     """PCA fitted on the control rows of ``z`` (n, d), applied to all rows with whitening → (n, k).
 
     k = min(n_components, d, n_controls − 1); components with ~zero control variance are set to 0.
     """
-    controls = z[is_control]
-    mean = controls.mean(axis=0)
-    _, singular, components = np.linalg.svd(controls - mean, full_matrices=False)
-    k = min(int(n_components), z.shape[1], len(controls) - 1)
-    variance = singular[:k] ** 2 / (len(controls) - 1)
+    mean, components, variance = _control_pca(z, is_control, n_components)
     usable = variance > 1e-12 * max(float(variance.max(initial=0.0)), np.finfo(np.float64).tiny)
     scale = np.divide(1.0, np.sqrt(variance), out=np.zeros_like(variance), where=usable)
-    return ((z - mean) @ components[:k].T) * scale
+    return ((z - mean) @ components.T) * scale
 
 
 def consistency_alignment(emb: np.ndarray, batch: np.ndarray, is_control: np.ndarray,
                           n_components: int = 128) -> np.ndarray:
     """B.1.1's alignment before consistency: PCA fitted on the controls (no whitening), then per batch
     z-scores over all of the batch's cells (std floored at 1e-12). (n, d) → (n, k)."""
-    controls = emb[is_control]
-    mean = controls.mean(axis=0)
-    _, _, components = np.linalg.svd(controls - mean, full_matrices=False)
-    k = min(int(n_components), emb.shape[1], len(controls) - 1)
-    scores = (emb - mean) @ components[:k].T
+    mean, components, _ = _control_pca(emb, is_control, n_components)
+    scores = (emb - mean) @ components.T
     out = np.empty_like(scores)
     for b in np.unique(batch):
         rows = batch == b
