@@ -600,6 +600,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, stop_at_step: int |
     interval_steps, timer = 0, time.perf_counter()
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     last: dict[str, Any] = {"loss": None, "val_loss": None, "baseline_val_loss": None}
+    # Model-card facts for the checkpoints: the corpus summary (fixed for the run) and the latest validation
+    # record (from metrics.jsonl when resuming, then kept up to date here), so a checkpoint re-reads nothing.
+    card: dict[str, Any] = {"training_data": training_data_summary(info.path, info.datasets) if ctx.is_main else {},
+                            "metrics": {}}
+    if ctx.is_main and (run_dir / METRICS_FILE).exists():
+        validated = [r for r in read_metrics(run_dir / METRICS_FILE) if r.get("val_loss") is not None]
+        card["metrics"] = validated[-1] if validated else {}
     bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and ctx.is_main), file=sys.stderr)
     train_model.train()
@@ -647,12 +654,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, stop_at_step: int |
             record["val_deviance_explained_pct"] = deviance_explained_pct(
                 record["val_loss"], record["baseline_val_loss"], record["saturated_val_loss"])
         metrics.write(record)
+        if do_val:
+            card["metrics"] = {k: record.get(k) for k in METRIC_KEYS}  # as metrics.jsonl holds it
         last.update({k: record[k] for k in last if k in record})
         bar.set_postfix({k: f"{v:.4g}" for k, v in (("loss", record["loss"]), ("val", record.get("val_loss")),
                                                       ("samples/s", record["samples_per_s"])) if v is not None})
         if do_ckpt:
             checkpoint = _save(run_dir, step, (step - 1) // steps_per_epoch, steps_per_epoch, accum, cfg, ctx,
-                               model, model_cfg, info, optimizer, scheduler)
+                               model, model_cfg, info, optimizer, scheduler, card)
         timer = time.perf_counter()  # throughput excludes validation and checkpoint time
     bar.close()
 
@@ -664,8 +673,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, stop_at_step: int |
 
 def _save(run_dir: Path, step: int, epoch: int, steps_per_epoch: int, accum: int, cfg: TrainConfig,
           ctx: DistContext, model: TxFM, model_cfg: TxFMConfig, info: CorpusInfo,
-          optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> Path:
-    """Rank 0 writes checkpoint ``step`` (every rank's RNG state gathered into it); all ranks wait for it."""
+          optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+          card: dict[str, Any]) -> Path:
+    """Rank 0 writes checkpoint ``step`` (every rank's RNG state gathered into it); all ranks wait for it.
+    ``card``: the model card's ``training_data`` and ``metrics`` (see the loop)."""
     rng = capture_rng_state()
     rng_per_rank = [rng]
     if ctx.world_size > 1:
@@ -677,13 +688,10 @@ def _save(run_dir: Path, step: int, epoch: int, steps_per_epoch: int, accum: int
                  "steps_per_epoch": steps_per_epoch, "world_size": ctx.world_size, "accum": accum,
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_per_rank,
                  "train_config": cfg.to_dict()}
-        validated = [r for r in read_metrics(run_dir / METRICS_FILE) if r.get("val_loss") is not None] \
-            if (run_dir / METRICS_FILE).exists() else []
         path = save_checkpoint(run_dir, step, model, model_cfg, model_genes(cfg, info), state,
                                extra={"train_config": cfg.to_dict(), "step": step, "epoch": epoch,
                                       "n_input_genes": cfg.n_input_genes, "library_size": cfg.library_size,
-                                      "training_data": training_data_summary(info.path, info.datasets),
-                                      "metrics": validated[-1] if validated else {}},
+                                      **card},
                                keep=cfg.keep_checkpoints)
     ctx.barrier()
     return path
