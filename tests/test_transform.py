@@ -16,6 +16,7 @@ from simulation.corpus import write_synthetic_corpus
 from txfm import data
 from txfm.data import CorpusInfo, LoaderConfig, build_decode_cache, make_loader
 from txfm.embed import input_sampling, model_inputs
+from txfm import transform as txfm_transform
 from txfm.transform import InputTransform, frequency_log_weight, sample_keys
 
 K, L, B = 24, 1e4, 8
@@ -106,6 +107,86 @@ def test_frequency_sampling_matches_successive_sampling_probabilities():
     all_three, _ = InputTransform(5, k=4, sampling="frequency", log_weight=frequency_log_weight(weight, 1.0)).sample_genes(
         sample_keys((4,), np.arange(50)), np.zeros(50, dtype=np.int64), [np.arange(5)])
     assert all(sorted(row) == [0, 1, 2, 3] for row in all_three.tolist()), "zero weight comes last"
+
+
+def _first_distinct_reference(transform: InputTransform, key: np.ndarray, panel: np.ndarray) -> list[int] | None:
+    """The spec of the compiled sampler, one sample at a time in plain Python: its draws in order, the first K
+    distinct panel positions within the draw budget; None when the budget runs out (the completion's case)."""
+    n_cand = panel.size
+    budget = transform._per_round(n_cand) * ((1 << txfm_transform._MAX_ROUNDS) - 1)
+    draws = txfm_transform._draws(key[None], 0, budget)[0]
+    if transform.log_weight is None:
+        positions = (draws * np.uint64(n_cand)) >> np.uint64(32)
+    else:
+        cdf = transform._panel_cdf(panel)
+        u = (draws.astype(np.float64) + 0.5) * (1.0 / (1 << 32)) * cdf[-1]
+        positions = np.minimum(np.searchsorted(cdf, u, side="right"), n_cand - 1)
+    chosen: list[int] = []
+    for pos in positions.tolist():
+        if pos not in chosen:
+            chosen.append(pos)
+            if len(chosen) == transform.k:
+                return [int(panel[p]) for p in chosen]
+    return None
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "frequency"])
+def test_compiled_sampler_and_gather_equal_plain_references(sampling):
+    rng = np.random.default_rng(11)
+    n_genes, k = 400, 150
+    frequency = rng.random(n_genes) ** 4
+    frequency[rng.random(n_genes) < 0.3] = 0.0  # never detected: a 200-gene panel may run out of weight
+    log_weight = frequency_log_weight(frequency, 0.7) if sampling == "frequency" else None
+    transform = InputTransform(n_genes, k, 1e4, sampling, log_weight)
+    panels = [np.sort(rng.choice(n_genes, size, replace=False)) for size in (90, 160, 200, 400)]
+    completed = 0
+    for call in range(6):
+        group = rng.integers(0, len(panels), 24)
+        keys = sample_keys((call, 9), np.arange(24))
+        counts = sp.random(24, n_genes, density=0.2, format="csr", random_state=call, dtype=np.float64)
+        counts.data = np.ceil(counts.data * 20).astype(np.float32)
+        built = transform(counts.indptr, counts.indices, counts.data.astype(np.float32), np.full(24, 500.0), group,
+                          panels, keys)
+        dense = counts.toarray()
+        for b in range(24):
+            panel = panels[group[b]]
+            if panel.size <= k:
+                expected = np.concatenate([panel, np.zeros(k - panel.size, dtype=np.int64)])
+                np.testing.assert_array_equal(built["pad_mask"][b], np.arange(k) >= panel.size)
+            else:
+                expected = _first_distinct_reference(transform, keys[b], panel)
+                if expected is None:  # finished by the numpy completion: K distinct panel genes
+                    completed += 1
+                    expected = built["gene_idx"][b]
+                    assert len(set(expected.tolist())) == k and np.isin(expected, panel).all()
+                assert not built["pad_mask"][b].any()
+            np.testing.assert_array_equal(built["gene_idx"][b], expected)
+            scaled = (dense[b, built["gene_idx"][b]].astype(np.float32) * np.float32(1e4 / 500.0)).astype(np.float32)
+            np.testing.assert_array_equal(built["values"][b], np.where(built["pad_mask"][b], 0, np.log1p(scaled)))
+    assert sampling == "uniform" or completed > 0, "the completion path was exercised"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.update(gene=np.array([1, 2, 900], dtype=np.int32)), "gene outside the vocabulary"),
+    (lambda a: a.update(gene=np.array([1, -2, 3], dtype=np.int32)), "gene outside the vocabulary"),
+    (lambda a: a.update(offsets=np.array([0, 2, 5])), "offsets"),
+    (lambda a: a.update(offsets=np.array([0, 3, 2, 3])), "offsets"),
+    (lambda a: a.update(group=np.array([0, 3])), "group outside the candidate sets"),
+    (lambda a: a.update(group=np.array([0, -1])), "group outside the candidate sets"),
+    (lambda a: a.update(candidates=[np.array([0, 1, 60])]), "candidate genes"),
+])
+def test_malformed_batches_are_one_line_errors_not_crashes(change, message):
+    args = dict(offsets=np.array([0, 2, 3]), gene=np.array([1, 5, 2], dtype=np.int32),
+                count=np.ones(3, dtype=np.float32), library=np.full(2, 3.0), group=np.zeros(2, dtype=np.int64),
+                candidates=[np.arange(60)], keys=sample_keys((0,), np.arange(2)))
+    InputTransform(60, 4, 10.0)(**args)
+    change(args)
+    if args["offsets"].size != 3:
+        args["library"] = np.full(args["offsets"].size - 1, 3.0)
+        args["group"] = np.zeros(args["offsets"].size - 1, dtype=np.int64)
+        args["keys"] = sample_keys((0,), np.arange(args["offsets"].size - 1))
+    with pytest.raises(ValueError, match=message):
+        InputTransform(60, 4, 10.0)(**args)
 
 
 def test_decode_cache_serves_the_same_batches_and_keeps_the_corpus_valid(corpus, tmp_path):
