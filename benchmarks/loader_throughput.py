@@ -308,7 +308,9 @@ def prepare_peers(peers: Path) -> dict[str, str]:
     python.setdefault("scdataset_backed", sys.executable)
     venv = peers / "annbatch-venv"
     exe = venv / "bin" / "python"
-    if not exe.exists():
+    ready = exe.exists() and subprocess.run([str(exe), "-c", "import annbatch, numba, pyarrow"],
+                                            capture_output=True).returncode == 0
+    if not ready:  # new, or made before the builder needed numba
         base = find_python312()
         if base is None:
             python["annbatch"] = "unavailable: annbatch needs Python >= 3.12 and none was found on this machine"
