@@ -46,6 +46,8 @@ N_INPUT_GENES = 2048
 SAMPLING_KINDS = ("uniform", "frequency")
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment (2^64 / golden ratio)
+_MIX_1, _MIX_2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # SplitMix64 finaliser multipliers (after >>30, >>27)
+_INV_2_32 = 1.0 / (1 << 32)  # a 32-bit draw d → uniform (d + 0.5) · 2^-32
 _MASK = 0xFFFFFFFFFFFFFFFF
 _MAX_ROUNDS = 2  # draw rounds before the Gumbel-top-k completion of a sample
 _GUMBEL_COUNTER = 1 << 40  # counters of the completion's uniforms: disjoint from the draws'
@@ -54,7 +56,7 @@ _GUMBEL_COUNTER = 1 << 40  # counters of the completion's uniforms: disjoint fro
 def _mix(x: np.ndarray) -> np.ndarray:
     """SplitMix64 finaliser, elementwise on uint64 (wrapping arithmetic); works in place on ``x``."""
     tmp = np.empty_like(x)
-    for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+    for shift, multiplier in ((30, _MIX_1), (27, _MIX_2)):
         np.right_shift(x, np.uint64(shift), out=tmp)
         x ^= tmp
         x *= np.uint64(multiplier)
@@ -65,8 +67,8 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 def _mix_int(x: int) -> int:
     """SplitMix64 finaliser on one Python int (mod 2^64)."""
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    x = ((x ^ (x >> 30)) * _MIX_1) & _MASK
+    x = ((x ^ (x >> 27)) * _MIX_2) & _MASK
     return x ^ (x >> 31)
 
 
@@ -98,7 +100,7 @@ def _draws(keys: np.ndarray, start: int, stop: int) -> np.ndarray:
 
 def _uniforms(keys: np.ndarray, start: int, stop: int) -> np.ndarray:
     """Draws ``[start, stop)`` of each key as float64 uniforms in (0, 1) → [m, stop − start]."""
-    return (_draws(keys, start, stop).astype(np.float64) + 0.5) * (1.0 / (1 << 32))
+    return (_draws(keys, start, stop).astype(np.float64) + 0.5) * _INV_2_32
 
 
 # ------------------------------------------------------------------------------------- compiled kernels
@@ -106,13 +108,12 @@ def _uniforms(keys: np.ndarray, start: int, stop: int) -> np.ndarray:
 # vectorise without O(m · P) scratch. They compute exactly what the numpy code of InputTransform states
 # (same draws, same order); tests compare the two. Every index is checked before use.
 _U32 = np.uint64(0xFFFFFFFF)
-_INV_2_32 = 1.0 / (1 << 32)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _mix_one(x):  # SplitMix64 finaliser on one uint64, as _mix
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(_MIX_1)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(_MIX_2)
     return x ^ (x >> np.uint64(31))
 
 
@@ -157,7 +158,7 @@ def _sample_kernel(keys, group, panel_flat, panel_start, limit, cdf_flat, k, sta
         bits = np.uint64(0)
         n_draws = limit[g]
         for i in range((n_draws + 1) // 2):  # one SplitMix64 output = draws 2i (low half) and 2i+1 (high)
-            bits = _mix_one(key + np.uint64(i + 1) * np.uint64(0x9E3779B97F4A7C15))
+            bits = _mix_one(key + np.uint64(i + 1) * _GAMMA)
             for half in range(2 if 2 * i + 1 < n_draws else 1):
                 draw = bits & _U32 if half == 0 else bits >> np.uint64(32)
                 if uniform:  # multiply-shift: floor(draw · P / 2^32) < P
