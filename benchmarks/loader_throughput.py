@@ -442,6 +442,10 @@ def main(argv: list[str] | None = None) -> None:
                 best = min(peers, key=fetch.get)
                 print(f"fetch only (CPU µs/sample minus the builder's): ours {fetch['txfm'] * 1e6:.1f}, best peer "
                       f"{LABELS[best]} {fetch[best] * 1e6:.1f}")
+                # Every side pays the builder, so even a loader whose fetch cost nothing would stop here.
+                best = min(peers, key=lambda s: cost[s][0])
+                print(f"ceiling of the CPU ratio with a free fetch (best peer / builder alone): "
+                      f"{cost[best][0] / cost['builder'][0]:.2f}x")
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)
